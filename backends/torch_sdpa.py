@@ -1,0 +1,106 @@
+"""TORCH_SDPA: torch's scaled_dot_product_attention over the paged cache (the CPU backend and the reference).
+
+Requests are packed into a few padded groups of similar length (decode rows apart from prefill
+chunks), so each layer makes one SDPA call per group, never one per request.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmserve.interfaces import AttentionBackend, BatchLayout
+from llmserve.plugins import hookimpl
+
+MAX_PADDING = 1.3  # a group's padded size may exceed its real size by this factor
+
+
+@dataclass
+class SdpaGroup:
+    query_index: torch.Tensor  # [G, max_q] flat token of each padded query (0 for padding)
+    query_valid: torch.Tensor  # [G, max_q]
+    block_table: torch.Tensor  # [G, max_blocks]
+    positions: torch.Tensor  # [G, max_q] position of each query (-1 for padding)
+    seq_lens: torch.Tensor  # [G]
+    out_index: torch.Tensor  # flat tokens of the valid queries, in query_valid order
+    masks: dict = field(default_factory=dict)  # sliding window -> [G, 1, max_q, keys], built once per step
+
+    def mask(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window not in self.masks:
+            key_pos = torch.arange(num_keys, device=self.positions.device)
+            query_pos = self.positions.unsqueeze(-1)
+            allowed = key_pos <= query_pos
+            if sliding_window:
+                allowed &= key_pos > query_pos - sliding_window
+            allowed[:, :, 0] |= query_pos.squeeze(-1) < 0  # padded queries attend to one key, never to none
+            self.masks[sliding_window] = allowed.unsqueeze(1)
+        return self.masks[sliding_window]
+
+
+@dataclass
+class SdpaMetadata:
+    slot_mapping: torch.Tensor
+    groups: list[SdpaGroup]
+    num_tokens: int
+
+
+def pack_groups(query_lens: np.ndarray, seq_lens: np.ndarray) -> list[np.ndarray]:
+    """Rows split into decode and prefill, each sorted by length and cut where padding would grow too much."""
+    groups = []
+    for rows in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
+        rows = rows[np.argsort(seq_lens[rows], kind="stable")]
+        start, real = 0, 0
+        for i, row in enumerate(rows):
+            real += int(query_lens[row]) * int(seq_lens[row])
+            padded = (i - start + 1) * int(query_lens[rows[start:i + 1]].max()) * int(seq_lens[row])
+            if padded > MAX_PADDING * real and i > start:
+                groups.append(rows[start:i])
+                start, real = i, int(query_lens[row]) * int(seq_lens[row])
+        if len(rows) > start:
+            groups.append(rows[start:])
+    return groups
+
+
+class TorchSdpaBackend(AttentionBackend):
+    name = "TORCH_SDPA"
+    platforms = ("cpu", "cuda", "rocm")
+
+    def build_metadata(self, batch: BatchLayout) -> SdpaMetadata:
+        starts, seq_lens, query_lens = batch.query_start_loc, batch.seq_lens, batch.query_lens
+        groups = []
+        for rows in pack_groups(query_lens, seq_lens):
+            max_q = int(query_lens[rows].max())
+            max_blocks = -(-int(seq_lens[rows].max()) // batch.block_size)
+            offsets = np.arange(max_q)
+            valid = offsets[None, :] < query_lens[rows, None]
+            query_index = np.where(valid, starts[rows, None] + offsets[None, :], 0)
+            positions = np.where(valid, batch.num_computed[rows, None] + offsets[None, :], -1)
+            table = np.zeros((len(rows), max_blocks), dtype=np.int64)
+            for i, row in enumerate(rows):
+                blocks = batch.block_tables[row][:max_blocks]
+                table[i, :len(blocks)] = blocks
+            to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(batch.device)
+            groups.append(SdpaGroup(to(query_index), to(valid), to(table), to(positions), to(seq_lens[rows]),
+                                    to(query_index[valid])))
+        return SdpaMetadata(batch.slot_mapping, groups, int(query_lens.sum()))
+
+    def forward(self, layer, q, k, v, kv_cache, metadata: SdpaMetadata) -> torch.Tensor:
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        _, block_size, kv_heads, head_dim = key_cache.shape
+        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
+        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
+        out = torch.empty_like(q)
+        for g in metadata.groups:
+            rows, max_blocks = g.block_table.shape
+            keys = key_cache[g.block_table].view(rows, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+            values = value_cache[g.block_table].view(rows, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+            mask = g.mask(max_blocks * block_size, layer.sliding_window)
+            attn = F.scaled_dot_product_attention(q[g.query_index].transpose(1, 2), keys, values, attn_mask=mask,
+                                                  scale=layer.scale, enable_gqa=True)
+            out.index_copy_(0, g.out_index, attn.transpose(1, 2)[g.query_valid])
+        return out
+
+
+@hookimpl
+def llmserve_attention_backends():
+    return {TorchSdpaBackend.name: f"{__name__}:{TorchSdpaBackend.__name__}"}

@@ -1,0 +1,56 @@
+from dataclasses import dataclass, fields
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine is built from; values are checked when it is made."""
+
+    model: str | None = None  # None: the embedded default model
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None
+    load_format: str = "auto"
+    chat_template: str | None = None
+    device: str | None = None  # None: the detected platform's device
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+        check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"must be 'auto' or one of {sorted(DTYPES)}")
+        check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of two up to 128")
+        check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be > 0")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+def resolve_dtype(requested: str, model_dtype: torch.dtype | None, platform_default: torch.dtype) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    return model_dtype if model_dtype in (torch.float32, torch.bfloat16, torch.float16) else platform_default

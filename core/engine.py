@@ -1,0 +1,205 @@
+"""LLMEngine: requests in, one scheduled and executed batch per step, outputs out."""
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from llmserve.config import EngineConfig
+from llmserve.kv_cache import KVCacheManager
+from llmserve.loader import find_model, load_hf_config, load_tokenizer
+from llmserve.model_runner import ModelRunner, StepResult
+from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from llmserve.plugins.select import current_platform
+from llmserve.request import Request, Status
+from llmserve.sampling_params import SamplingParams
+from llmserve.scheduler import Scheduler
+from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestGroup:
+    """What the user asked for: one prompt, n completions."""
+
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.files = find_model(config.model)
+        self.hf_config = load_hf_config(self.files)
+        self.tokenizer = load_tokenizer(self.files, config.tokenizer)
+        self.platform = current_platform()
+        self.runner = ModelRunner(config, self.files, self.hf_config, self.platform)
+        self.max_model_len = self.resolve_max_model_len()
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.groups: dict[str, RequestGroup] = {}
+        self.eos_token_ids = self.find_eos_token_ids()
+        self.vocab_size = self.hf_config.vocab_size
+        self.ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0}
+        logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.files.path,
+                    self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)
+
+    def resolve_max_model_len(self) -> int:
+        model_limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        requested = self.config.max_model_len
+        if requested and requested > model_limit:
+            raise ValueError(f"max_model_len {requested} is larger than the model's limit {model_limit}")
+        length = requested or model_limit
+        capacity = self.runner.num_blocks * self.config.block_size
+        if capacity < length:
+            if requested:
+                raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len {length}; "
+                                 "raise kv_cache_memory_bytes or lower max_model_len")
+            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", length, capacity)
+            length = capacity
+        return length
+
+    def find_eos_token_ids(self) -> frozenset[int]:
+        ids = getattr(self.hf_config, "eos_token_id", None)
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt) if prompt else []
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> None:
+        if request_id is not None and request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context (max_model_len) is "
+                             f"{self.max_model_len}, which leaves no room for an output token")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        if (params.logprobs or 0) > 20 or (params.prompt_logprobs or 0) > 20:
+            raise ValueError("logprobs and prompt_logprobs must be at most 20")
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams) -> str:
+        """Queue a request (after validating it: nothing is queued when it raises) and return its id."""
+        request_id = str(next(self.ids)) if request_id is None else request_id
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params, request_id)
+        limit = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(token_ids) + params.max_tokens)
+        children = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
+            child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params, limit,
+                            self.eos_token_ids, generator, group_id=request_id)
+            child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            children.append(child)
+        self.groups[request_id] = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, children)
+        for child in children:
+            self.scheduler.add(child)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        for child in group.children if group else []:
+            if not child.finished:
+                child.finish_reason = "abort"
+                self.scheduler.finish(child)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the outputs of every request that advanced (finished ones are forgotten)."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        result = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(batch.requests))
+        for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            self.stats["prompt_tokens"] += max(0, min(count, request.num_prompt_tokens - request.num_computed_tokens))
+            if i in result.prompt_logprobs:
+                self.record_prompt_logprobs(request, *result.prompt_logprobs[i])
+            request.num_computed_tokens += count
+            self.kv.cache_computed_blocks(request)
+        self.process_samples(result)
+        touched = dict.fromkeys(r.group_id for r in batch.requests)
+        outputs = []
+        for request_id in touched:
+            group = self.groups.get(request_id)
+            if group is None:
+                continue
+            outputs.append(self.make_output(group))
+            if group.finished:
+                del self.groups[request_id]
+        return outputs
+
+    def process_samples(self, result: StepResult) -> None:
+        if not result.sampled:
+            return
+        out = result.sampler_output
+        for row, request in enumerate(result.sampled):
+            token = out.token_ids[row]
+            request.token_ids.append(token)
+            self.stats["generation_tokens"] += 1
+            request.cumulative_logprob += out.logprobs[row]
+            if request.logprobs is not None:
+                request.logprobs.append(self.position_logprobs(token, out.logprobs[row], out.sampled_ranks[row],
+                                                               out.top_ids[row], out.top_logprobs[row],
+                                                               request.params.logprobs))
+            self.check_finished(request, token)
+            if request.finish_reason:
+                self.scheduler.finish(request)
+
+    def check_finished(self, request: Request, token: int) -> None:
+        params = request.params
+        may_stop = request.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token in request.eos_token_ids:
+            request.finish_reason = "stop"
+        elif may_stop and token in params.stop_token_ids:
+            request.finish_reason, request.stop_reason = "stop", token
+        if request.finish_reason is None or not params.skip_special_tokens:
+            append_text_and_check_stop(request, request.detokenizer.add(token), check_stops=may_stop)
+        if request.finish_reason is None and request.num_tokens >= request.max_len:
+            request.finish_reason = "length"
+
+    def position_logprobs(self, token: int, logprob: float, rank: int, top_ids: torch.Tensor,
+                          top_logprobs: torch.Tensor, k: int) -> PositionLogprobs:
+        entries = {token: Logprob(logprob, rank, self.tokenizer.decode([token]))}
+        for tid, lp, r in zip(top_ids[:k].tolist(), top_logprobs[:k].tolist(), range(1, k + 1)):
+            entries.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
+        return entries
+
+    def record_prompt_logprobs(self, request: Request, logprobs: torch.Tensor, targets) -> None:
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        k = request.params.prompt_logprobs
+        chosen = logprobs.gather(1, torch.as_tensor(targets, device=logprobs.device)[:, None]).squeeze(1)
+        ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+        top_lp, top_ids = logprobs.topk(max(k, 1), dim=-1)
+        for j, token in enumerate(targets.tolist()):
+            request.prompt_logprobs.append(self.position_logprobs(token, chosen[j].item(), int(ranks[j]),
+                                                                  top_ids[j], top_lp[j], k))
+
+    def make_output(self, group: RequestGroup) -> RequestOutput:
+        first = group.children[0]
+        completions = [CompletionOutput(i, c.text, c.output_token_ids,
+                                        c.cumulative_logprob if c.params.logprobs is not None else None,
+                                        c.logprobs, c.finish_reason, c.stop_reason)
+                       for i, c in enumerate(group.children)]
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, first.prompt_logprobs,
+                             completions, group.finished, first.num_cached_tokens)

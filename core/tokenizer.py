@@ -1,0 +1,51 @@
+"""Tokenizer helpers: chat templates, incremental detokenization and stop strings."""
+from llmserve.request import Request
+
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so its first word gets the right spacing
+
+
+def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None,
+                        add_generation_prompt: bool = True) -> list[int]:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model has no chat template; pass chat_template (a Jinja template string or file)")
+    text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns one token at a time into text, holding back bytes until they form whole characters."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self.decode(self.ids[self.prefix_offset:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full_text[len(prefix_text):]
+
+
+def append_text_and_check_stop(request: Request, delta: str, check_stops: bool = True) -> None:
+    """Add decoded text; on a stop string, cut the text there and finish the request."""
+    old_length = len(request.text)
+    request.text += delta
+    stops = request.params.stop_strings
+    if not stops or not delta or not check_stops:
+        return
+    longest = max(len(s) for s in stops)
+    search_from = max(0, old_length - longest + 1)
+    found = [(at, stop) for stop in stops if (at := request.text.find(stop, search_from)) != -1]
+    if found:
+        at, stop = min(found)
+        request.text = request.text[:at + len(stop) if request.params.include_stop_str_in_output else at]
+        request.finish_reason, request.stop_reason = "stop", stop

@@ -1,0 +1,17 @@
+"""Hook specifications. Each hook returns {name: "package.module:Class"}; classes are imported only when used."""
+from llmserve.plugins import hookspec
+
+
+@hookspec
+def llmserve_platforms() -> dict[str, str]:
+    """Platforms by name (cpu, cuda, ...): classes implementing llmserve.interfaces.Platform."""
+
+
+@hookspec
+def llmserve_attention_backends() -> dict[str, str]:
+    """Attention backends by name (TORCH_SDPA, ...): subclasses of llmserve.interfaces.AttentionBackend."""
+
+
+@hookspec
+def llmserve_models() -> dict[str, str]:
+    """Model classes by HF `architectures` name (LlamaForCausalLM, ...)."""

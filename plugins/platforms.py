@@ -1,0 +1,56 @@
+"""The built-in platforms: CPU, CUDA and ROCm."""
+import torch
+
+from llmserve.interfaces import Platform
+from llmserve.plugins import hookimpl
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    attention_backends = ("TORCH_SDPA",)
+    default_kv_cache_bytes = 4 << 30
+
+    @classmethod
+    def is_current(cls) -> bool:
+        return True  # the fallback when nothing else claims the machine
+
+    @classmethod
+    def default_dtype(cls) -> torch.dtype:
+        return torch.float32
+
+    @classmethod
+    def kv_cache_bytes(cls, config) -> int:
+        return config.kv_cache_memory_bytes or cls.default_kv_cache_bytes
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    attention_backends = ("FLASHINFER", "TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA")
+
+    @classmethod
+    def is_current(cls) -> bool:
+        return torch.version.hip is None and torch.cuda.is_available()
+
+    @classmethod
+    def kv_cache_bytes(cls, config) -> int:
+        if config.kv_cache_memory_bytes:
+            return config.kv_cache_memory_bytes
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        return int(total * config.gpu_memory_utilization) - used
+
+
+class RocmPlatform(CudaPlatform):
+    name = "rocm"
+    attention_backends = ("ROCM_ATTN", "TRITON_ATTN", "TORCH_SDPA")
+
+    @classmethod
+    def is_current(cls) -> bool:
+        return torch.version.hip is not None and torch.cuda.is_available()
+
+
+@hookimpl
+def llmserve_platforms():
+    return {p.name: f"{__name__}:{p.__name__}" for p in (CpuPlatform, CudaPlatform, RocmPlatform)}

@@ -1,0 +1,60 @@
+"""Choosing the platform, the attention backend and the model class from the registry."""
+import logging
+import os
+
+from llmserve.interfaces import AttentionBackend, AttentionSpec, Platform
+from llmserve.plugins.manager import registry
+
+logger = logging.getLogger(__name__)
+BUILTIN_PLATFORMS = ("rocm", "cuda", "cpu")  # detection order
+
+
+def current_platform() -> type[Platform]:
+    platforms = registry().of("platform")
+    claims = [r for name, r in platforms.items() if name not in BUILTIN_PLATFORMS and r.load().is_current()]
+    if len(claims) > 1:
+        raise RuntimeError("more than one platform plugin claims this machine: "
+                           + ", ".join(f"{r.name} ({r.distribution})" for r in claims))
+    if claims:
+        return claims[0].load()
+    for name in BUILTIN_PLATFORMS:
+        cls = platforms[name].load()
+        if cls.is_current():
+            return cls
+    raise RuntimeError("no platform found")
+
+
+def select_attention_backend(requested: str | None, spec: AttentionSpec,
+                             platform: type[Platform]) -> type[AttentionBackend]:
+    """The requested backend (argument, else LLMSERVE_ATTENTION_BACKEND) or the platform's first usable one."""
+    backends = registry().of("attention_backend")
+    requested = requested or os.environ.get("LLMSERVE_ATTENTION_BACKEND") or None
+    if requested:
+        if requested not in backends:
+            failed = "".join(f"; plugin {n!r} failed to load ({e})" for n, e in registry().failures.items())
+            raise ValueError(f"unknown attention backend {requested!r}; registered: {', '.join(sorted(backends))}{failed}")
+        cls = backends[requested].load()
+        reasons = cls.why_unsupported(spec, platform.name)
+        if reasons:
+            raise ValueError(f"attention backend {requested} cannot run this model here: " + "; ".join(reasons))
+        return cls
+    rejected = []
+    for name in [n for n in platform.attention_backends if n in backends]:
+        cls = backends[name].load()
+        reasons = cls.why_unsupported(spec, platform.name)
+        if not reasons:
+            logger.info("attention backend %s picked: the %s platform's first choice that supports this model%s",
+                        name, platform.name, f" (skipped {'; '.join(rejected)})" if rejected else "")
+            return cls
+        rejected.append(f"{name}: {', '.join(reasons)}")
+    raise ValueError(f"no attention backend of the {platform.name} platform can run this model: " + "; ".join(rejected))
+
+
+def model_class(hf_config) -> type:
+    models = registry().of("model")
+    architectures = getattr(hf_config, "architectures", None) or []
+    for arch in architectures:
+        if arch in models:
+            return models[arch].load()
+    raise ValueError(f"model architecture {architectures or '(none given)'} is not supported; "
+                     f"supported: {', '.join(sorted(models))}")
