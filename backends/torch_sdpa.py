@@ -20,6 +20,7 @@ class SdpaGroup:
     query_index: torch.Tensor  # [G, max_q] flat token of each padded query (0 for padding)
     query_valid: torch.Tensor  # [G, max_q]
     block_table: torch.Tensor  # [G, max_blocks]
+    flat_table: torch.Tensor  # block_table flattened
     positions: torch.Tensor  # [G, max_q] position of each query (-1 for padding)
     seq_lens: torch.Tensor  # [G]
     out_index: torch.Tensor  # flat tokens of the valid queries, in query_valid order
@@ -80,7 +81,7 @@ class TorchSdpaBackend(AttentionBackend):
                 blocks = batch.block_tables[row][:max_blocks]
                 table[i, :len(blocks)] = blocks
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(batch.device)
-            groups.append(SdpaGroup(to(query_index), to(valid), to(table), to(positions), to(seq_lens[rows]),
+            groups.append(SdpaGroup(to(query_index), to(valid), to(table), to(table.ravel()), to(positions), to(seq_lens[rows]),
                                     to(query_index[valid])))
         return SdpaMetadata(batch.slot_mapping, groups, int(query_lens.sum()))
 
@@ -92,8 +93,10 @@ class TorchSdpaBackend(AttentionBackend):
         out = torch.empty_like(q)
         for g in metadata.groups:
             rows, max_blocks = g.block_table.shape
-            keys = key_cache[g.block_table].view(rows, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
-            values = value_cache[g.block_table].view(rows, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+            shape = (rows, max_blocks * block_size, kv_heads, head_dim)
+            # index_select on a 2-D view copies whole blocks; advanced indexing on the 5-D cache is ~8x slower
+            keys = key_cache.view(key_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
+            values = value_cache.view(value_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
             mask = g.mask(max_blocks * block_size, layer.sliding_window)
             attn = F.scaled_dot_product_attention(q[g.query_index].transpose(1, 2), keys, values, attn_mask=mask,
                                                   scale=layer.scale, enable_gqa=True)

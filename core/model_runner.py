@@ -7,7 +7,7 @@ import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.interfaces import BatchLayout, Platform
-from llmserve.loader import ModelFiles, iter_weights
+from llmserve.loader import iter_weights
 from llmserve.plugins.select import model_class, select_attention_backend
 from llmserve.request import Request
 from llmserve.sampler import SamplerOutput, sample
@@ -24,7 +24,7 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, files: ModelFiles | None, hf_config, platform: type[Platform]) -> None:
+    def __init__(self, config: EngineConfig, model_path: str, hf_config, platform: type[Platform]) -> None:
         self.config, self.platform = config, platform
         self.device = torch.device(config.device) if config.device else platform.device()
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
@@ -36,7 +36,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             self.init_dummy_weights()
         else:
-            self.model.load_weights(iter_weights(files, hf_config))
+            self.model.load_weights(iter_weights(model_path))
         self.num_blocks = self.allocate_kv_cache()
 
     def build_model(self, cls, hf_config) -> torch.nn.Module:
@@ -72,7 +72,7 @@ class ModelRunner:
                              f"{bytes_per_block} bytes; raise kv_cache_memory_bytes (or gpu_memory_utilization)")
         for layer in layers:
             layer.backend = self.backend
-            layer.kv_cache = torch.zeros(self.backend.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device)
+            layer.kv_cache = self.platform.empty_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, s.block_size,
                     num_blocks * bytes_per_block / 2**30)
         return num_blocks

@@ -23,6 +23,11 @@ class CpuPlatform(Platform):
     def kv_cache_bytes(cls, config) -> int:
         return config.kv_cache_memory_bytes or cls.default_kv_cache_bytes
 
+    @classmethod
+    def empty_kv_cache(cls, shape, dtype, device):
+        # Large host allocations come from fresh zero-filled pages; writing zeros would fault in gigabytes up front.
+        return torch.empty(shape, dtype=dtype, device=device)
+
 
 class CudaPlatform(Platform):
     name = "cuda"
