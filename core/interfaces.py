@@ -115,8 +115,8 @@ class Platform(ABC):
         return torch.device(cls.device_type)
 
     @classmethod
-    def empty_kv_cache(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A KV cache tensor: zeros, so that never-written slots hold no NaN that masking could not hide."""
+    def zeroed_kv_cache(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A KV cache tensor of zeros, so that never-written slots hold no NaN that masking could not hide."""
         return torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod

@@ -72,7 +72,7 @@ class ModelRunner:
                              f"{bytes_per_block} bytes; raise kv_cache_memory_bytes (or gpu_memory_utilization)")
         for layer in layers:
             layer.backend = self.backend
-            layer.kv_cache = self.platform.empty_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype, self.device)
+            layer.kv_cache = self.platform.zeroed_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, s.block_size,
                     num_blocks * bytes_per_block / 2**30)
         return num_blocks

@@ -1,4 +1,7 @@
 """The built-in platforms: CPU, CUDA and ROCm."""
+import math
+import mmap
+
 import torch
 
 from llmserve.interfaces import Platform
@@ -24,9 +27,10 @@ class CpuPlatform(Platform):
         return config.kv_cache_memory_bytes or cls.default_kv_cache_bytes
 
     @classmethod
-    def empty_kv_cache(cls, shape, dtype, device):
-        # Large host allocations come from fresh zero-filled pages; writing zeros would fault in gigabytes up front.
-        return torch.empty(shape, dtype=dtype, device=device)
+    def zeroed_kv_cache(cls, shape, dtype, device):
+        # An anonymous memory map reads as zeros and gets its pages on first touch: no upfront memset of gigabytes.
+        buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 class CudaPlatform(Platform):

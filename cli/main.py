@@ -1,0 +1,9 @@
+"""`llm`: the command line entry point; each subcommand lives in its own module."""
+import typer
+
+app = typer.Typer(help="llmserve: a small, plugin-based LLM inference and serving engine.", no_args_is_help=True)
+
+
+@app.callback()
+def main() -> None:
+    """llmserve: a small, plugin-based LLM inference and serving engine."""

@@ -1,0 +1,46 @@
+"""Batch invariance: alone, in a batch, under preemption and with prefix caching, the tokens are the same."""
+from conftest import PROMPTS, greedy
+
+from llmserve import LLM
+
+MAX_TOKENS = [6 + 2 * i for i in range(len(PROMPTS))]
+
+
+def run(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
+    outputs = llm.generate(prompts, [greedy(m) for m in max_tokens], use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_each_prompt_alone_equals_batch(llm):
+    batched = run(llm)
+    alone = [run(llm, [p], [m])[0] for p, m in zip(PROMPTS, MAX_TOKENS)]
+    assert alone == batched
+    assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_preemption_gives_same_tokens(llm):
+    expected = run(llm)
+    # 24 blocks of 16 tokens: far less than the batch needs, so requests are preempted and recomputed
+    small = LLM(dtype="float32", kv_cache_memory_bytes=24 * 16 * 2 * 3 * 64 * 4 * 30, max_model_len=384,
+                enable_prefix_caching=False, max_num_batched_tokens=128)
+    assert run(small) == expected
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.kv.num_used_blocks == 0
+
+
+def test_chunked_prefill_gives_same_tokens(llm):
+    chunked = LLM(dtype="float32", max_num_batched_tokens=7, enable_prefix_caching=False)
+    assert run(chunked) == run(llm)
+
+
+def test_prefix_cache_hits_and_same_tokens(llm):
+    prefix = "You are a helpful assistant. Answer briefly and precisely. " * 8
+    prompts = [prefix + q for q in ("What is the sea?", "Name a fruit.", "Count to three.")]
+    fresh = LLM(dtype="float32", enable_prefix_caching=True)
+    first = fresh.generate(prompts[:1], greedy(8), use_tqdm=False)
+    second = fresh.generate(prompts, greedy(8), use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    assert all(o.num_cached_tokens >= 64 for o in second)
+    uncached = LLM(dtype="float32", enable_prefix_caching=False).generate(prompts, greedy(8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in second] == [o.outputs[0].token_ids for o in uncached]
+    assert first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
