@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import Attention, MergedLinear, RMSNorm, RotaryEmbedding, rope_parameters
+from llmserve.models.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, rope_parameters
 from llmserve.plugins import hookimpl
 
 # checkpoint projection name -> (our merged parameter, shard index)
@@ -20,7 +20,7 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False)
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.split = [q_size, kv_size, kv_size]
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
@@ -38,7 +38,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False))
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
+        self.down_proj = Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -83,7 +83,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         self.model = LlamaModel(hf_config)
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -45,6 +45,16 @@ def test_corrupt_gguf(tmp_path):
         LLM(model=str(bad))
 
 
+def test_corrupt_safetensors(tmp_path):
+    from llmserve.loader import find_model
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(find_model(None), name), "rb").read())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage" + os.urandom(64))
+    with pytest.raises(ValueError, match="corrupt or unreadable weights"):
+        LLM(model=str(tmp_path))
+
+
 def test_hub_id_without_network():
     with pytest.raises(ValueError, match="no-such-org/no-such-model"):
         LLM(model="no-such-org/no-such-model")

@@ -53,6 +53,6 @@ def test_dummy_weights_load_without_checkpoint(tmp_path):
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config().save_pretrained(tmp_path)
+    GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported.*LlamaForCausalLM"):
         LLM(model=str(tmp_path), load_format="dummy")

@@ -1,7 +1,7 @@
 """Layers shared by the models: norms, rotary embedding, linear layers, attention."""
 from llmserve.models.layers.attention import Attention
-from llmserve.models.layers.linear import MergedLinear
+from llmserve.models.layers.linear import Linear, MergedLinear
 from llmserve.models.layers.norm import RMSNorm
 from llmserve.models.layers.rotary import RotaryEmbedding, rope_parameters
 
-__all__ = ["Attention", "MergedLinear", "RMSNorm", "RotaryEmbedding", "rope_parameters"]
+__all__ = ["Attention", "Linear", "MergedLinear", "RMSNorm", "RotaryEmbedding", "rope_parameters"]

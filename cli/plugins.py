@@ -1,0 +1,85 @@
+"""`llm plugins`: the platforms, attention backends and model architectures registered here, and who provides them.
+
+Listing imports the plugin modules (they name their classes lazily) and the backend classes, to ask each
+why_unsupported(); it never imports a model class or a GPU-only package (backends keep those inside functions).
+"""
+import importlib.metadata
+import json
+from typing import Annotated
+
+import typer
+
+from llmserve.cli.main import app
+from llmserve.interfaces import AttentionSpec, Platform
+from llmserve.plugins.manager import ENTRY_POINT_GROUP, Registration, registry
+from llmserve.plugins.select import current_platform
+
+
+def representative_spec(platform: type[Platform]) -> AttentionSpec:
+    """A backend's support depends on the model: ask about the default model's attention (SmolLM2-135M)."""
+    return AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, dtype=platform.default_dtype(), block_size=16)
+
+
+def describe(r: Registration) -> dict:
+    return {"name": r.name, "distribution": r.distribution, "version": r.version, "target": r.target}
+
+
+def describe_backend(r: Registration, spec: AttentionSpec, platform: str) -> dict:
+    try:
+        reasons = r.load().why_unsupported(spec, platform)
+    except RuntimeError as e:  # the backend's module failed to import
+        reasons = [str(e)]
+    return describe(r) | {"available": not reasons, "reasons": reasons}
+
+
+def failure(plugin: str, error: str) -> dict:
+    """A plugin that failed to load, with the distribution to fix or uninstall (None for a built-in module)."""
+    dist = next((ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=plugin)), None)
+    return {"plugin": plugin, "distribution": dist and dist.name, "version": dist and dist.version, "error": error}
+
+
+def collect() -> dict:
+    reg, platform = registry(), current_platform()
+    spec = representative_spec(platform)
+    return {
+        "platform": platform.name,
+        "attention_spec": {"num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                           "dtype": str(spec.dtype).removeprefix("torch."), "block_size": spec.block_size},
+        "platforms": [describe(r) | {"active": r.name == platform.name} for r in reg.of("platform").values()],
+        "attention_backends": [describe_backend(r, spec, platform.name) for r in reg.of("attention_backend").values()],
+        "models": [describe(r) for r in reg.of("model").values()],
+        "failures": [failure(plugin, error) for plugin, error in reg.failures.items()],
+    }
+
+
+def render(listing: dict) -> str:
+    def rows(entries: list[dict], mark=lambda e: "") -> list[str]:
+        width = max((len(e["name"]) for e in entries), default=0)
+        return [f"  {mark(e)}{e['name']:<{width}}  {e['distribution']} {e['version']}" for e in entries]
+
+    s = listing["attention_spec"]
+    lines = ["Platforms (* = active here):", *rows(listing["platforms"], lambda e: "* " if e["active"] else "  "),
+             f"Attention backends on {listing['platform']}, checked against a model like the default one "
+             f"({s['num_heads']} heads, {s['num_kv_heads']} KV heads, head_dim {s['head_dim']}, {s['dtype']}, "
+             f"block size {s['block_size']}):"]
+    backends = listing["attention_backends"]
+    for backend, row in zip(backends, rows(backends, lambda e: "ok  " if e["available"] else "no  "), strict=True):
+        lines += [row, *(f"        - {reason}" for reason in backend["reasons"])]
+    lines += ["Model architectures:", *rows(listing["models"])]
+    if listing["failures"]:
+        lines.append("Plugins that failed to load (skipped):")
+    for f in listing["failures"]:
+        origin = f" ({f['distribution']} {f['version']})" if f["distribution"] else ""
+        lines.append(f"  {f['plugin']}{origin}: {f['error']}")
+    return "\n".join(lines)
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False) -> None:
+    """List platforms, attention backends and model architectures, with the package that provides each."""
+    try:
+        listing = collect()
+    except RuntimeError as e:  # e.g. two plugins registering one name
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(listing, indent=2) if as_json else render(listing))
