@@ -17,8 +17,8 @@ MAX_PADDING = 1.3  # a group's padded size may exceed its real size by this fact
 
 @dataclass
 class SdpaGroup:
-    query_index: torch.Tensor  # [G, max_q] flat token of each padded query (0 for padding)
-    query_valid: torch.Tensor  # [G, max_q]
+    query_index: torch.Tensor  # [G * max_q] flat token of each padded query (0 for padding)
+    valid_index: torch.Tensor  # positions in [G * max_q] that hold real queries
     block_table: torch.Tensor  # [G, max_blocks]
     flat_table: torch.Tensor  # block_table flattened
     positions: torch.Tensor  # [G, max_q] position of each query (-1 for padding)
@@ -81,8 +81,8 @@ class TorchSdpaBackend(AttentionBackend):
                 blocks = batch.block_tables[row][:max_blocks]
                 table[i, :len(blocks)] = blocks
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(batch.device)
-            groups.append(SdpaGroup(to(query_index), to(valid), to(table), to(table.ravel()), to(positions), to(seq_lens[rows]),
-                                    to(query_index[valid])))
+            groups.append(SdpaGroup(to(query_index.ravel()), to(np.flatnonzero(valid)), to(table), to(table.ravel()),
+                                    to(positions), to(seq_lens[rows]), to(query_index[valid])))
         return SdpaMetadata(batch.slot_mapping, groups, int(query_lens.sum()))
 
     def forward(self, layer, q, k, v, kv_cache, metadata: SdpaMetadata) -> torch.Tensor:
@@ -98,9 +98,11 @@ class TorchSdpaBackend(AttentionBackend):
             keys = key_cache.view(key_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
             values = value_cache.view(value_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
             mask = g.mask(max_blocks * block_size, layer.sliding_window)
-            attn = F.scaled_dot_product_attention(q[g.query_index].transpose(1, 2), keys, values, attn_mask=mask,
-                                                  scale=layer.scale, enable_gqa=True)
-            out.index_copy_(0, g.out_index, attn.transpose(1, 2)[g.query_valid])
+            query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scale,
+                                                  enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
+            out.index_copy_(0, g.out_index, attn if len(g.valid_index) == len(attn) else attn.index_select(0, g.valid_index))
         return out
 
 

@@ -55,7 +55,7 @@ def check_lengths(workload: Workload, outputs: list[list[int]]) -> None:
 def run_llmserve(workload: Workload, dtype: str, model: str) -> dict:
     from llmserve import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype)
+    llm = LLM(model, dtype=dtype)  # the same HF folder the peers load
     llm.generate([workload[0][0]], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for _, k in workload]
     start = time.perf_counter()

@@ -22,14 +22,13 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
         self.split = [q_size, kv_size, kv_size]
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
                               getattr(config, "sliding_window", None))
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_metadata) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         tokens = x.shape[0]
-        q, k = self.rotary(positions, q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim))
+        q, k = RotaryEmbedding.forward(rope, q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim))
         return self.o_proj(self.attn(q, k, v.contiguous(), attn_metadata))
 
 
@@ -53,12 +52,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, positions, x, residual, attn_metadata):
+    def forward(self, rope, x, residual, attn_metadata):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, attn_metadata)
+        x = self.self_attn(rope, x, attn_metadata)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -69,11 +68,14 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        attn = self.layers[0].self_attn
+        self.rotary = RotaryEmbedding(attn.head_dim, config.max_position_embeddings, rope_parameters(config))
 
     def forward(self, input_ids, positions, attn_metadata):
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.cos_sin(positions)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, attn_metadata)
+            x, residual = layer(rope, x, residual, attn_metadata)
         x, _ = self.norm(x, residual)
         return x
 
