@@ -115,6 +115,10 @@ class Platform(ABC):
         return torch.device(cls.device_type)
 
     @classmethod
+    def prepare_model(cls, model) -> None:
+        """Last changes to a loaded model for this platform (e.g. weight layouts for its kernels)."""
+
+    @classmethod
     def zeroed_kv_cache(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A KV cache tensor of zeros, so that never-written slots hold no NaN that masking could not hide."""
         return torch.zeros(shape, dtype=dtype, device=device)

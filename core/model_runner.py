@@ -37,6 +37,7 @@ class ModelRunner:
             self.init_dummy_weights()
         else:
             self.model.load_weights(iter_weights(model_path))
+        platform.prepare_model(self.model)
         self.num_blocks = self.allocate_kv_cache()
 
     def build_model(self, cls, hf_config) -> torch.nn.Module:

@@ -27,6 +27,12 @@ class CpuPlatform(Platform):
         return config.kv_cache_memory_bytes or cls.default_kv_cache_bytes
 
     @classmethod
+    def prepare_model(cls, model: torch.nn.Module) -> None:
+        for module in model.modules():
+            if hasattr(module, "pack_for_cpu"):
+                module.pack_for_cpu()
+
+    @classmethod
     def zeroed_kv_cache(cls, shape, dtype, device):
         # An anonymous memory map reads as zeros and gets its pages on first touch: no upfront memset of gigabytes.
         buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
