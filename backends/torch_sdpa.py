@@ -23,7 +23,6 @@ class SdpaGroup:
     block_table: torch.Tensor  # [G, max_blocks]
     flat_table: torch.Tensor  # block_table flattened
     positions: torch.Tensor  # [G, max_q] position of each query (-1 for padding)
-    seq_lens: torch.Tensor  # [G]
     out_index: torch.Tensor  # flat tokens of the valid queries, in query_valid order
     masks: dict = field(default_factory=dict)  # sliding window -> [G, 1, max_q, keys], built once per step
 
@@ -43,7 +42,6 @@ class SdpaGroup:
 class SdpaMetadata:
     slot_mapping: torch.Tensor
     groups: list[SdpaGroup]
-    num_tokens: int
 
 
 def pack_groups(query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
@@ -86,8 +84,8 @@ class TorchSdpaBackend(AttentionBackend):
                 table[i, :len(blocks)] = blocks
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(batch.device)
             groups.append(SdpaGroup(to(query_index.ravel()), to(np.flatnonzero(valid)), to(table), to(table.ravel()),
-                                    to(positions), to(seq_lens[rows]), to(query_index[valid])))
-        return SdpaMetadata(batch.slot_mapping, groups, int(query_lens.sum()))
+                                    to(positions), to(query_index[valid])))
+        return SdpaMetadata(batch.slot_mapping, groups)
 
     def forward(self, layer, q, k, v, kv_cache, metadata: SdpaMetadata) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]

@@ -198,3 +198,33 @@ def test_empty_allowlist_loads_no_third_party_plugin(example_site, bad_site):
     kinds = ("platforms", "attention_backends", "models")
     assert {e["distribution"] for kind in kinds for e in listing[kind]} == {"llmserve"}
     assert listing["failures"] == []
+
+
+CLAIMING_PLATFORM = '''from llmserve.plugins import hookimpl
+from llmserve.plugins.platforms import CpuPlatform
+
+
+class {name}(CpuPlatform):
+    name = "{key}"
+
+    @classmethod
+    def is_current(cls) -> bool:
+        return True
+
+
+@hookimpl
+def llmserve_platforms():
+    return {{"{key}": __name__ + ":{name}"}}
+'''
+
+
+def test_platform_plugins_claim_the_machine(tmp_path):
+    sources = [write_plugin(tmp_path / key, f"llmserve-{key}-platform", key,
+                            CLAIMING_PLATFORM.format(name=key.title() + "Platform", key=key)) for key in ("npu", "xpu")]
+    site = pip_install(tmp_path / "site", *sources)
+    code = "from llmserve.plugins.select import current_platform; print(current_platform().name)"
+    one = run([sys.executable, "-c", code], site, plugins="npu")
+    assert one.stdout.strip() == "npu", one.stderr
+    both = run([sys.executable, "-c", code], site)
+    assert "more than one platform plugin claims this machine: " in both.stderr
+    assert "llmserve-npu-platform" in both.stderr and "llmserve-xpu-platform" in both.stderr
