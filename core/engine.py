@@ -92,10 +92,13 @@ class LLMEngine:
         if (params.logprobs or 0) > 20 or (params.prompt_logprobs or 0) > 20:
             raise ValueError("logprobs and prompt_logprobs must be at most 20")
 
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams) -> str:
-        """Queue a request (after validating it: nothing is queued when it raises) and return its id."""
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+                    token_ids: list[int] | None = None) -> str:
+        """Queue a request (after validating it: nothing is queued when it raises) and return its id.
+
+        `token_ids` may carry the already tokenized `prompt`."""
         request_id = str(next(self.ids)) if request_id is None else request_id
-        token_ids = self.tokenize(prompt)
+        token_ids = self.tokenize(prompt) if token_ids is None else token_ids
         self.validate(token_ids, params, request_id)
         limit = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(token_ids) + params.max_tokens)
         children = []

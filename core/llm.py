@@ -32,8 +32,7 @@ class LLM:
         token_ids = [self.engine.tokenize(p) for p in prompts]
         for ids, p in zip(token_ids, params):  # everything is checked before anything is queued
             self.engine.validate(ids, p)
-        ids = [self.engine.add_request(None, p if isinstance(p, str) else t, sp)
-               for p, t, sp in zip(prompts, token_ids, params)]
+        ids = [self.engine.add_request(None, p, sp, t) for p, t, sp in zip(prompts, token_ids, params)]
         return self.run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
