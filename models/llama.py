@@ -27,9 +27,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        tokens = x.shape[0]
-        q, k = RotaryEmbedding.forward(rope, q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim))
+        q, k = RotaryEmbedding.forward(rope, *self.heads(q, k))
         return self.o_proj(self.attn(q, k, v.contiguous(), attn_metadata))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k split into heads, [T, heads, head_dim], before rotary (where Qwen3 normalises each head)."""
+        tokens = q.shape[0]
+        return q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -45,10 +49,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int) -> None:
+    def __init__(self, config, layer_index: int, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_index)
+        self.self_attn = attention_cls(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -63,10 +67,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attention_cls)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         attn = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(attn.head_dim, config.max_position_embeddings, rope_parameters(config))
@@ -81,10 +86,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    attention_cls = LlamaAttention  # a subclass's attention block (e.g. Qwen3's, with q/k norms)
+
     def __init__(self, hf_config, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config)
+        self.model = LlamaModel(hf_config, self.attention_cls)
         self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight

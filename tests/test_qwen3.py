@@ -1,0 +1,58 @@
+"""Qwen3 on random weights against HF transformers, and the benchmark configs (no weights) building our models."""
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import greedy, hf_greedy
+from test_models import PROMPTS, save_random_model
+
+from llmserve import LLM
+from llmserve.loader import load_hf_config
+from llmserve.plugins.select import model_class
+
+BENCHMARK_MODELS = Path(__file__).parent.parent / "benchmarks" / "models"
+
+
+def qwen3_config(**overrides):
+    from transformers import Qwen3Config
+
+    # head_dim 48, not hidden_size / heads = 32; GQA 4:2; tied embeddings as in Qwen3-0.6B
+    args = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=48, max_position_embeddings=4096, rope_theta=1000000.0,
+                tie_word_embeddings=True)
+    return Qwen3Config(**(args | overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    # biased projections, and the last two layers see only 8 tokens back (the 90-token prompt crosses it)
+    {"attention_bias": True, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+])
+def test_qwen3_safetensors_matches_hf(tmp_path, overrides):
+    from transformers import AutoModelForCausalLM
+
+    save_random_model(qwen3_config(**overrides), tmp_path)
+    ours = LLM(model=str(tmp_path), dtype="float32").generate(PROMPTS, greedy(12), use_tqdm=False)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    for prompt, out in zip(PROMPTS, ours):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 12)[0]
+
+
+@pytest.mark.parametrize("name, architecture, parameters, heads", [
+    ("Llama-3.1-8B", "LlamaForCausalLM", 8_030_261_248, (32, 8, 128)),
+    ("Qwen3-0.6B", "Qwen3ForCausalLM", 596_049_920, (16, 8, 128)),
+    ("SmolLM2-135M", "LlamaForCausalLM", 134_515_008, (9, 3, 64)),
+])
+def test_benchmark_configs_build(name, architecture, parameters, heads):
+    from transformers import AutoModelForCausalLM
+
+    hf_config = load_hf_config(str(BENCHMARK_MODELS / name))
+    cls = model_class(hf_config)
+    with torch.device("meta"):  # shapes only, no memory
+        ours = cls(hf_config, torch.bfloat16)
+        reference = AutoModelForCausalLM.from_config(hf_config)
+    assert cls.__name__ == architecture
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) == parameters
+    spec = ours.attention_spec(16)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.sliding_window) == (*heads, None)
