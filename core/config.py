@@ -24,7 +24,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str | None = None
     load_format: str = "auto"
-    chat_template: str | None = None
+    chat_template: str | None = None  # a Jinja template or a file holding one; None: the model's
+    generation_config: str = "auto"  # "auto": the model's generation_config.json defaults; "vllm": ours; or a folder
     device: str | None = None  # None: the detected platform's device
 
     def __post_init__(self) -> None:

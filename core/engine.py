@@ -7,14 +7,14 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.kv_cache import KVCacheManager
-from llmserve.loader import find_model, load_hf_config, load_tokenizer
+from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
 from llmserve.model_runner import ModelRunner, StepResult
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from llmserve.plugins.select import current_platform
 from llmserve.request import Request, Status
 from llmserve.sampling_params import SamplingParams
 from llmserve.scheduler import Scheduler
-from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop
+from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class LLMEngine:
         self.model_path = find_model(config.model)
         self.hf_config = load_hf_config(self.model_path)
         self.tokenizer = load_tokenizer(find_model(config.tokenizer) if config.tokenizer else self.model_path)
+        self.chat_template = load_chat_template(config.chat_template)
+        self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
         self.platform = current_platform()
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.max_model_len = self.resolve_max_model_len()
@@ -72,6 +74,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.sampling_defaults)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -12,7 +12,6 @@ class KVCacheManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # chained hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order, oldest first
-        self.hits = self.queries = 0  # prefix-cache tokens found / looked up
 
     @property
     def num_free_blocks(self) -> int:
@@ -45,8 +44,6 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        self.queries += request.num_tokens
-        self.hits += len(blocks) * self.block_size
         return blocks
 
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:

@@ -25,7 +25,7 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the order of the prompts."""
         prompts = normalize_prompts(prompts)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.engine.default_sampling_params()
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
@@ -38,7 +38,7 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        template = chat_template or self.engine.config.chat_template
+        template = chat_template or self.engine.chat_template
         prompts = [apply_chat_template(self.engine.tokenizer, c, template, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

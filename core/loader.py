@@ -8,6 +8,7 @@ safetensors) under the cache directory, so every later load reads a plain folder
 import glob
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -118,6 +119,25 @@ def load_hf_config(folder: str):
         return AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise ValueError(f"cannot read the model config in {folder!r}: {type(e).__name__}: {e}") from e
+
+
+# generation_config.json fields that become request defaults -> SamplingParams fields
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def load_generation_defaults(folder: str, source: str) -> dict:
+    """Sampling defaults from generation_config.json: source "auto" (the model's), "vllm" (none) or a folder."""
+    if source == "vllm":
+        return {}
+    path = os.path.join(folder if source == "auto" else source, "generation_config.json")
+    if not os.path.isfile(path):
+        if source == "auto":
+            return {}
+        raise ValueError(f"generation_config {source!r} must be 'auto', 'vllm' or a folder with generation_config.json")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    return {ours: raw[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if raw.get(theirs) is not None}
 
 
 def load_tokenizer(folder: str):

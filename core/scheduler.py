@@ -31,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0  # prompt tokens looked up / found
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -61,6 +62,9 @@ class Scheduler:
             count = min(request.num_tokens - request.num_computed_tokens - len(cached) * self.kv.block_size, budget)
             if not self.kv.allocate(request, count, cached):
                 break
+            if request.num_computed_tokens == 0:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += len(cached) * self.kv.block_size
             if cached:
                 request.num_computed_tokens = request.num_cached_tokens = len(cached) * self.kv.block_size
             self.waiting.popleft()

@@ -1,14 +1,24 @@
 """Tokenizer helpers: chat templates, incremental detokenization and stop strings."""
+import os
+
 from llmserve.request import Request
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so its first word gets the right spacing
+
+
+def load_chat_template(template: str | None) -> str | None:
+    """A chat template given inline or as the path of a file holding it."""
+    if template and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    return template
 
 
 def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None,
                         add_generation_prompt: bool = True) -> list[int]:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template; pass chat_template (a Jinja template string or file)")
-    text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+    text = tokenizer.apply_chat_template(conversation, chat_template=load_chat_template(chat_template), tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -49,3 +59,11 @@ def append_text_and_check_stop(request: Request, delta: str, check_stops: bool =
         at, stop = min(found)
         request.text = request.text[:at + len(stop) if request.params.include_stop_str_in_output else at]
         request.finish_reason, request.stop_reason = "stop", stop
+
+
+def streamable_text(text: str, stop_strings: list[str], finished: bool) -> str:
+    """The part of a growing output that is safe to send: a tail that may be the start of a stop string waits."""
+    if finished:
+        return text
+    held = max((k for stop in stop_strings for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[:len(text) - held]

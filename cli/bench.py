@@ -1,0 +1,149 @@
+"""`llm bench serve`: load a running OpenAI-compatible server and report throughput and latencies."""
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from llmserve.cli.main import app
+
+bench = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks after the first
+
+
+def load_prompts(dataset: str | None, num_prompts: int, input_len: int, vocab_size: int, rng: random.Random) -> list:
+    """Prompts from a file (one per line, or JSON lines with a "prompt" field), else random token ids."""
+    if dataset is None:
+        return [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    with open(dataset, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    prompts = [json.loads(line)["prompt"] if line.lstrip().startswith("{") else line for line in lines]
+    if not prompts:
+        raise typer.BadParameter(f"{dataset} holds no prompts", param_hint="--dataset")
+    return [prompts[i % len(prompts)] for i in range(num_prompts)]
+
+
+async def send(client, model: str, prompt, output_len: int) -> RequestResult:
+    result, start = RequestResult(), time.perf_counter()
+    last = start
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage:
+                result.output_tokens, result.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            if chunk.choices and chunk.choices[0].text:
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+        result.latency, result.ok = time.perf_counter() - start, True
+    except Exception as e:  # a failed request is counted, not fatal
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+async def run_load(base_url: str, api_key: str, model: str | None, prompts: list, output_len: int,
+                   concurrency: int | None, request_rate: float, seed: int) -> tuple[str, list[RequestResult], float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600)
+    model = model or (await client.models.list()).data[0].id
+    limit = asyncio.Semaphore(concurrency or len(prompts))
+    gaps = np.random.default_rng(seed).exponential(1 / request_rate, len(prompts)) if request_rate != float("inf") \
+        else np.zeros(len(prompts))
+
+    async def limited(prompt) -> RequestResult:
+        async with limit:
+            return await send(client, model, prompt, output_len)
+
+    start, tasks = time.perf_counter(), []
+    for prompt, gap in zip(prompts, gaps):
+        tasks.append(asyncio.create_task(limited(prompt)))
+        await asyncio.sleep(gap)
+    results = await asyncio.gather(*tasks)
+    return model, results, time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    done = [r for r in results if r.ok]
+    output = sum(r.output_tokens for r in done)
+    total = output + sum(r.prompt_tokens for r in done)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+
+    def stats(name: str, values: list[float]) -> dict:
+        ms = np.array(values or [0.0]) * 1000
+        return {f"mean_{name}_ms": float(ms.mean()), f"p50_{name}_ms": float(np.percentile(ms, 50)),
+                f"p99_{name}_ms": float(np.percentile(ms, 99))}
+
+    return {"completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
+            "request_throughput": len(done) / duration, "output_throughput": output / duration,
+            "total_token_throughput": total / duration, "total_output_tokens": output,
+            **stats("ttft", [r.ttft for r in done]), **stats("tpot", tpot),
+            **stats("itl", [gap for r in done for gap in r.itl]),
+            "errors": sorted({r.error for r in results if r.error})[:5]}
+
+
+@bench.command("serve")
+def bench_serve(
+    base_url: Annotated[str, typer.Option(help="The server's OpenAI base URL.")] = "http://127.0.0.1:8000/v1",
+    model: Annotated[Optional[str], typer.Option(help="Model name (default: the server's first).")] = None,
+    api_key: Annotated[str, typer.Option(envvar="LLMSERVE_API_KEY", help="API key, if the server needs one.")] = "none",
+    num_prompts: Annotated[int, typer.Option(help="Requests to send.")] = 64,
+    input_len: Annotated[int, typer.Option(help="Tokens per random prompt.")] = 128,
+    output_len: Annotated[int, typer.Option(help="Tokens to generate per request (EOS ignored).")] = 64,
+    dataset: Annotated[Optional[str], typer.Option(help="A file of prompts (lines, or JSON lines with 'prompt') "
+                                                        "instead of random token ids.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Random prompt token ids are drawn below this.")] = 32000,
+    concurrency: Annotated[Optional[int], typer.Option(help="Most requests in flight (default: no limit).")] = None,
+    request_rate: Annotated[float, typer.Option(help="Poisson arrival rate in requests/s (inf: all at once).")]
+    = float("inf"),
+    seed: Annotated[int, typer.Option(help="Seed for prompts and arrivals.")] = 0,
+    result_file: Annotated[Optional[str], typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Load a running server (llmserve or any OpenAI-compatible one) and report throughput, TTFT, TPOT and ITL."""
+    prompts = load_prompts(dataset, num_prompts, input_len, vocab_size, random.Random(seed))
+    model, results, duration = asyncio.run(run_load(base_url, api_key, model, prompts, output_len, concurrency,
+                                                    request_rate, seed))
+    summary = {"model": model, "base_url": base_url, "num_prompts": num_prompts, "input_len": input_len,
+               "output_len": output_len, "concurrency": concurrency, "request_rate": request_rate,
+               **summarize(results, duration)}
+    if result_file:
+        with open(result_file, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    print_table(summary)
+
+
+def print_table(summary: dict) -> None:
+    rows = [("Successful requests", summary["completed"], "d"), ("Failed requests", summary["failed"], "d"),
+            ("Duration (s)", summary["duration_s"], ".2f"), ("Request throughput (req/s)",
+                                                             summary["request_throughput"], ".2f"),
+            ("Output token throughput (tok/s)", summary["output_throughput"], ".1f"),
+            ("Total token throughput (tok/s)", summary["total_token_throughput"], ".1f")]
+    for name in ("ttft", "tpot", "itl"):
+        rows += [(f"{kind.capitalize()} {name.upper()} (ms)", summary[f"{kind}_{name}_ms"], ".1f")
+                 for kind in ("mean", "p50", "p99")]
+    typer.echo("=" * 50)
+    for label, value, fmt in rows:
+        typer.echo(f"{label:<38}{value:>12{fmt}}")
+    typer.echo("=" * 50)
+    for error in summary["errors"]:
+        typer.secho(f"error: {error}", err=True, fg="red")

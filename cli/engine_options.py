@@ -1,0 +1,77 @@
+"""The engine options every engine-building command takes (`llm serve`, `llm generate`, `llm chat`).
+
+`engine_command` appends them to a command's signature, so Typer shows them in its --help, and hands
+the command one `engine_args` dict instead.
+"""
+import functools
+import inspect
+import logging
+from dataclasses import fields
+from typing import Annotated, Any, Optional
+
+import typer
+
+from llmserve.config import EngineConfig
+
+DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+HELP = {
+    "attention_backend": "Attention backend, e.g. TORCH_SDPA, TRITON_ATTN, FLASHINFER (`llm plugins` lists them); "
+                         "default: the platform's first usable one.",
+    "dtype": "auto, float32, bfloat16 or float16 (auto: the model's, float32 on the CPU).",
+    "max_model_len": "Context length (prompt + output); default: the model's.",
+    "max_num_seqs": "Most requests in one batch.",
+    "max_num_batched_tokens": "Most tokens in one batch (the chunked-prefill budget).",
+    "block_size": "Tokens per KV-cache block.",
+    "enable_prefix_caching": "Reuse the KV cache of shared prompt prefixes.",
+    "load_format": "auto, safetensors, gguf or dummy (random weights).",
+    "seed": "Random seed of the engine.",
+    "chat_template": "Chat template (Jinja text or a file) instead of the model's.",
+    "generation_config": "'auto': the model's generation_config.json gives the sampling defaults; "
+                         "'vllm': ignore it; or a folder holding a generation_config.json.",
+    "tokenizer": "Tokenizer folder or hub id, if not the model's.",
+    "kv_cache_memory_bytes": "Bytes for the KV cache (default: 4 GiB on the CPU, the free GPU memory on a GPU).",
+    "gpu_memory_utilization": "Fraction of GPU memory the engine may use.",
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def option(name: str, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS[name],
+                             annotation=Annotated[annotation, typer.Option(help=HELP[name], rich_help_panel="Engine")])
+
+
+ENGINE_PARAMETERS = [
+    option("attention_backend", Optional[str]), option("dtype", str), option("max_model_len", Optional[int]),
+    option("max_num_seqs", int), option("max_num_batched_tokens", int), option("block_size", int),
+    option("enable_prefix_caching", bool), option("load_format", str), option("seed", int),
+    option("chat_template", Optional[str]), option("generation_config", str), option("tokenizer", Optional[str]),
+    option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
+]
+LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
+    str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])
+
+
+def engine_command(command):
+    """Give `command(..., engine_args)` the engine options (and --log-level, applied here)."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "engine_args"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        log_level = kwargs.pop("log_level").lower()
+        if log_level not in LOG_LEVELS:
+            raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        engine_args = {p.name: kwargs.pop(p.name) for p in ENGINE_PARAMETERS}
+        return command(**kwargs, engine_args=engine_args)
+
+    wrapper.__signature__ = inspect.Signature(own + ENGINE_PARAMETERS + [LOG_LEVEL])
+    return wrapper
+
+
+def build_engine(engine_class, model: str | None, engine_args: dict):
+    """The engine, or a clear error and exit status 2 when the arguments or the model are wrong."""
+    try:
+        return engine_class(EngineConfig(model=model, **engine_args))
+    except ValueError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(2) from None

@@ -1,0 +1,161 @@
+"""AsyncEngine: the LLMEngine stepping in a background thread, with one asyncio stream per request.
+
+The event loop never runs the model: it validates and queues requests, and reads each request's
+outputs from its stream. The engine thread takes the queued adds and aborts before every step,
+so all requests in flight share each batch.
+"""
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from llmserve.config import EngineConfig
+from llmserve.engine import LLMEngine
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFault(RuntimeError):
+    """A step of the engine failed; the requests in flight were aborted, the engine goes on."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class RequestStream:
+    """The outputs of the requests of one call (one per prompt) as (prompt index, cumulative output).
+
+    A slow reader skips straight to each request's newest output."""
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str]) -> None:
+        self.engine = engine
+        self.index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self.pending = set(request_ids)
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[str, RequestOutput | BaseException]] = asyncio.Queue()
+
+    def put(self, request_id: str, item: RequestOutput | BaseException) -> None:  # from the engine thread
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (request_id, item))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self.pending:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            newest: dict[str, RequestOutput] = {}
+            for request_id, item in items:
+                if isinstance(item, BaseException):
+                    self.abort()
+                    raise item
+                newest[request_id] = item
+            for request_id, output in newest.items():
+                if output.finished:
+                    self.pending.discard(request_id)
+                yield self.index[request_id], output
+
+    def abort(self) -> None:
+        """Stop the requests not yet done; their KV blocks are freed before the next step."""
+        for request_id in self.pending:
+            self.engine.abort(request_id)
+        self.pending.clear()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, RequestStream] = {}
+        self.wakeup = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name="llmserve-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self.engine.tokenize(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params)
+
+    def add_requests(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
+                     prompt_token_ids: list[list[int]]) -> RequestStream:
+        """Queue one request per prompt (all validated first: a ValueError queues nothing); return their stream."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        for token_ids in prompt_token_ids:
+            self.validate(token_ids, params)
+        request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        stream = RequestStream(self, request_ids)
+        for child_id, prompt, token_ids in zip(request_ids, prompts, prompt_token_ids):
+            self.streams[child_id] = stream
+            self.send(("add", child_id, prompt, params, token_ids))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.send(("abort", request_id))
+
+    def send(self, command: tuple) -> None:
+        self.commands.put(command)
+        self.wakeup.set()
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        self.wakeup.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                self.apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.wakeup.wait()
+                    self.wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    logger.exception("engine step failed; aborting the %d requests in flight", len(self.streams))
+                    self.fail_all(EngineFault(f"the engine failed: {type(e).__name__}: {e}"))
+                    continue
+                for output in outputs:
+                    self.publish(output.request_id, output)
+        except BaseException as e:
+            logger.exception("the engine thread died")
+            self.error = e
+        finally:
+            self.stopping = True
+            self.fail_all(EngineDeadError("the engine has stopped"))
+
+    def apply_commands(self) -> None:
+        while not self.commands.empty():
+            kind, request_id, *args = self.commands.get()
+            if kind == "abort":
+                self.engine.abort(request_id)
+                self.streams.pop(request_id, None)
+                continue
+            try:
+                prompt, params, token_ids = args
+                self.engine.add_request(request_id, prompt, params, token_ids)
+            except ValueError as e:
+                self.publish(request_id, e)
+
+    def publish(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            stream.put(request_id, item)
+        if isinstance(item, BaseException) or item.finished:
+            self.streams.pop(request_id, None)
+
+    def fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.streams):
+            self.engine.abort(request_id)
+            self.publish(request_id, error)

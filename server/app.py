@@ -1,0 +1,269 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngine."""
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.metadata import version
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from llmserve.async_engine import AsyncEngine, EngineDeadError, EngineFault, RequestStream
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+from llmserve.server.metrics import Metrics
+from llmserve.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
+                                      TokenizeRequest)
+from llmserve.server.render import ChatRenderer, CompletionRenderer, Renderer
+from llmserve.tokenizer import apply_chat_template
+
+logger = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 8 << 20
+REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)  # named by engine errors
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(APIError(status, message, param, code).body(), status)
+
+
+def error_for(e: Exception) -> APIError:
+    """The API error for an exception raised while serving: bad input is 400, the rest is the engine's fault."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):
+        field = str(e).split(" ", 1)[0]
+        return APIError(400, str(e), field if field in REQUEST_FIELDS else None)
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), code="engine_dead")
+    if not isinstance(e, EngineFault):
+        logger.exception("internal error while serving a request")
+    return APIError(500, str(e) if isinstance(e, EngineFault) else f"internal error: {type(e).__name__}")
+
+
+class Guard:
+    """ASGI middleware: API keys on /v1 routes (constant-time compare) and a bound on body size."""
+
+    def __init__(self, app, api_keys: list[str]) -> None:
+        self.app, self.keys = app, [k.encode() for k in api_keys]
+
+    def authorized(self, header: bytes | None) -> bool:
+        token = header[7:] if header and header.startswith(b"Bearer ") else b""
+        return any([secrets.compare_digest(token, key) for key in self.keys])  # compares with every key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.keys and scope["path"].startswith("/v1") and not self.authorized(headers.get(b"authorization")):
+            return await error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                        code="invalid_api_key")(scope, receive, send)
+        too_large = error_response(413, f"request body is larger than {MAX_REQUEST_BYTES} bytes",
+                                   code="request_too_large")
+        if int(headers.get(b"content-length", 0)) > MAX_REQUEST_BYTES:
+            return await too_large(scope, receive, send)
+        if b"content-length" in headers:
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # a chunked body: read it whole, up to the bound
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_REQUEST_BYTES:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+@dataclass
+class Server:
+    engine: AsyncEngine
+    model_names: list[str]
+    metrics: Metrics
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_names}",
+                           "model", "model_not_found")
+
+    def start(self, kind: str, prompts: list, token_ids: list[list[int]], params: SamplingParams) -> RequestStream:
+        return self.engine.add_requests(f"{kind}-{uuid.uuid4().hex}", prompts, params, token_ids)
+
+    async def respond(self, raw: Request, body: SamplingRequest, stream: RequestStream, renderer: Renderer):
+        if body.stream:
+            return StreamingResponse(self.events(stream, renderer, body.include_usage), media_type="text/event-stream")
+        return await until_disconnected(raw, self.collect(stream, renderer), stream)
+
+    async def collect(self, stream: RequestStream, renderer: Renderer) -> dict:
+        timers = [self.metrics.timer() for _ in stream.index]
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for index, output in stream:
+                timers[index].observe(output)
+                final[index] = output
+        finally:
+            stream.abort()
+        return renderer.response([final[i] for i in range(len(final))])
+
+    async def events(self, stream: RequestStream, renderer: Renderer, include_usage: bool) -> AsyncIterator[str]:
+        timers = [self.metrics.timer() for _ in stream.index]
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for index, output in stream:
+                timers[index].observe(output)
+                final[index] = output
+                for chunk in renderer.chunks(index, output):
+                    yield sse(chunk)
+            if include_usage:
+                yield sse(renderer.usage_chunk([final[i] for i in range(len(final))]))
+        except Exception as e:
+            yield sse(error_for(e).body())
+        finally:
+            stream.abort()  # a no-op when all finished; when the client left, frees the KV blocks at once
+        yield "data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def until_disconnected(raw: Request, work, stream: RequestStream):
+    """Run `work`, aborting the requests if the client hangs up first (a non-streamed response)."""
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    stream.abort()
+    return Response(status_code=499)
+
+
+def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] = ()) -> FastAPI:
+    app = FastAPI(title="llmserve", version=version("llmserve"))
+    server = Server(engine, model_names, Metrics(engine))
+    app.state.server = server
+    core = engine.engine
+
+    async def on_error(_: Request, e: Exception) -> JSONResponse:
+        error = error_for(e)
+        return JSONResponse(error.body(), error.status)
+
+    for kind in (APIError, ValueError, EngineFault, EngineDeadError, Exception):  # Exception: any other is a 500
+        app.add_exception_handler(kind, on_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        field = ".".join(str(part) for part in first["loc"] if part != "body")
+        return error_response(400, f"{field or 'body'}: {first['msg']}", field or None)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_: Request, e: HTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return error_response(503, "the engine is not running", code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def show_version() -> dict:
+        return {"version": version("llmserve")}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if body.messages is not None:
+            tokens = apply_chat_template(core.tokenizer, [m.to_template_input() for m in body.messages],
+                                         core.chat_template)
+        else:
+            tokens = core.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        server.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < core.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {core.vocab_size}), got {bad[:5]}", "tokens")
+        return {"prompt": core.tokenizer.decode(body.tokens)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmserve",
+                                            "root": core.model_path, "max_model_len": core.max_model_len}
+                                           for name in model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        server.check_model(body.model)
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported", "suffix")
+        prompts = body.prompts()
+        if not prompts:
+            raise APIError(400, "prompt is empty", "prompt")
+        prompt_logprobs = body.logprobs if body.echo else None
+        params = body.to_sampling_params(core.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
+        token_ids = [core.tokenize(p) for p in prompts]
+        stream = server.start("cmpl", prompts, token_ids, params)
+        renderer = CompletionRenderer(server.model_name, core.tokenizer, token_ids, params, body.echo)
+        return await server.respond(raw, body, stream, renderer)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, raw: Request):
+        server.check_model(body.model)
+        conversation = [m.to_template_input() for m in body.messages]
+        token_ids = [apply_chat_template(core.tokenizer, conversation, core.chat_template, body.add_generation_prompt)]
+        max_tokens = body.max_completion_tokens or body.max_tokens or core.sampling_defaults.get("max_tokens")
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.to_sampling_params(core.sampling_defaults, max_tokens, top_logprobs)
+        stream = server.start("chatcmpl", token_ids, token_ids, params)
+        renderer = ChatRenderer(server.model_name, core.tokenizer, token_ids, params, body.logprobs)
+        return await server.respond(raw, body, stream, renderer)
+
+    app.add_middleware(Guard, api_keys=list(api_keys))
+    return app
+

@@ -1,0 +1,66 @@
+"""Running `llm` commands and `llm serve` as real subprocesses (on a free loopback port), and reading /metrics."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+SERVER_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20), "--log-level", "warning"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(self.port), *SERVER_ARGS, *args]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llm serve exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"llm serve did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name, encoding="utf-8") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`llm ARGS...` run to completion (wide help output, so Typer does not cut option names)."""
+    return subprocess.run([sys.executable, "-m", "llmserve.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"COLUMNS": "250"})
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the server's Prometheus metrics (summed over labels)."""
+    text = httpx.get(f"{url}/metrics").text
+    values = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert values, f"{name} not in /metrics"
+    return sum(float(v) for v in values)
