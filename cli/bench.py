@@ -2,6 +2,7 @@
 import asyncio
 import json
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Optional
@@ -36,6 +37,25 @@ def load_prompts(dataset: str | None, num_prompts: int, input_len: int, vocab_si
     if not prompts:
         raise typer.BadParameter(f"{dataset} holds no prompts", param_hint="--dataset")
     return [prompts[i % len(prompts)] for i in range(num_prompts)]
+
+
+def wait_for_server(url: str, timeout: float, process: subprocess.Popen | None = None,
+                    headers: dict | None = None) -> None:
+    """Poll GET `url` until it answers 200; fail when `timeout` passes or the server `process` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.3)
 
 
 async def send(client, model: str, prompt, output_len: int) -> RequestResult:
@@ -118,8 +138,14 @@ def bench_serve(
     = float("inf"),
     seed: Annotated[int, typer.Option(help="Seed for prompts and arrivals.")] = 0,
     result_file: Annotated[Optional[str], typer.Option(help="Write the results as JSON here.")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer first.")] = 0,
 ) -> None:
     """Load a running server (llmserve or any OpenAI-compatible one) and report throughput, TTFT, TPOT and ITL."""
+    try:
+        wait_for_server(f"{base_url}/models", ready_timeout, headers={"Authorization": f"Bearer {api_key}"})
+    except TimeoutError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(1) from None
     prompts = load_prompts(dataset, num_prompts, input_len, vocab_size, random.Random(seed))
     model, results, duration = asyncio.run(run_load(base_url, api_key, model, prompts, output_len, concurrency,
                                                     request_rate, seed))

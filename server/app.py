@@ -125,23 +125,18 @@ class Server:
         return await until_disconnected(raw, self.collect(stream, renderer), stream)
 
     async def collect(self, stream: RequestStream, renderer: Renderer) -> dict:
-        timers = [self.metrics.timer() for _ in stream.index]
         final: dict[int, RequestOutput] = {}
         try:
-            async for index, output in stream:
-                timers[index].observe(output)
-                final[index] = output
+            async for _ in self.observe(stream, final):
+                pass
         finally:
             stream.abort()
         return renderer.response([final[i] for i in range(len(final))])
 
     async def events(self, stream: RequestStream, renderer: Renderer, include_usage: bool) -> AsyncIterator[str]:
-        timers = [self.metrics.timer() for _ in stream.index]
         final: dict[int, RequestOutput] = {}
         try:
-            async for index, output in stream:
-                timers[index].observe(output)
-                final[index] = output
+            async for index, output in self.observe(stream, final):
                 for chunk in renderer.chunks(index, output):
                     yield sse(chunk)
             if include_usage:
@@ -151,6 +146,14 @@ class Server:
         finally:
             stream.abort()  # a no-op when all finished; when the client left, frees the KV blocks at once
         yield "data: [DONE]\n\n"
+
+    async def observe(self, stream: RequestStream, final: dict[int, RequestOutput]):
+        """The stream's outputs, timed for /metrics; `final` keeps each prompt's newest."""
+        timers = [self.metrics.timer() for _ in stream.index]
+        async for index, output in stream:
+            timers[index].observe(output)
+            final[index] = output
+            yield index, output
 
 
 def sse(payload: dict) -> str:

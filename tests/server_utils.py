@@ -5,9 +5,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
+
+from llmserve.cli.bench import wait_for_server
 
 SERVER_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20), "--log-level", "warning"]
 
@@ -29,17 +30,10 @@ class ServerProcess:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llm serve exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"llm serve did not become ready:\n{self.output()}")
+        try:
+            wait_for_server(f"{self.url}/health", timeout, self.process)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}:\n{self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()

