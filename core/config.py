@@ -13,6 +13,7 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded default model
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs without text
     dtype: str = "auto"
     seed: int = 0
     max_model_len: int | None = None

@@ -37,7 +37,8 @@ class LLMEngine:
         self.config = config
         self.model_path = find_model(config.model)
         self.hf_config = load_hf_config(self.model_path)
-        self.tokenizer = load_tokenizer(find_model(config.tokenizer) if config.tokenizer else self.model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
+            find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
         self.platform = current_platform()
@@ -71,7 +72,7 @@ class LLMEngine:
     def find_eos_token_ids(self) -> frozenset[int]:
         ids = getattr(self.hf_config, "eos_token_id", None)
         ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
@@ -80,6 +81,8 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt must be token ids: the engine runs without a tokenizer (skip_tokenizer_init)")
             return self.tokenizer.encode(prompt) if prompt else []
         return list(prompt)
 
@@ -94,6 +97,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; the engine runs without one (skip_tokenizer_init)")
         if (params.logprobs or 0) > 20 or (params.prompt_logprobs or 0) > 20:
             raise ValueError("logprobs and prompt_logprobs must be at most 20")
 
@@ -113,7 +118,8 @@ class LLMEngine:
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params, limit,
                             self.eos_token_ids, generator, group_id=request_id)
-            child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            if self.tokenizer is not None:
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             children.append(child)
         self.groups[request_id] = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, children)
         for child in children:
@@ -180,16 +186,17 @@ class LLMEngine:
             request.finish_reason = "stop"
         elif may_stop and token in params.stop_token_ids:
             request.finish_reason, request.stop_reason = "stop", token
-        if request.finish_reason is None or not params.skip_special_tokens:
+        if request.detokenizer is not None and (request.finish_reason is None or not params.skip_special_tokens):
             append_text_and_check_stop(request, request.detokenizer.add(token), check_stops=may_stop)
         if request.finish_reason is None and request.num_tokens >= request.max_len:
             request.finish_reason = "length"
 
     def position_logprobs(self, token: int, logprob: float, rank: int, top_ids: torch.Tensor,
                           top_logprobs: torch.Tensor, k: int) -> PositionLogprobs:
-        entries = {token: Logprob(logprob, rank, self.tokenizer.decode([token]))}
+        decode = self.tokenizer.decode if self.tokenizer is not None else lambda ids: None
+        entries = {token: Logprob(logprob, rank, decode([token]))}
         for tid, lp, r in zip(top_ids[:k].tolist(), top_logprobs[:k].tolist(), range(1, k + 1)):
-            entries.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
+            entries.setdefault(tid, Logprob(lp, r, decode([tid])))
         return entries
 
     def record_prompt_logprobs(self, request: Request, logprobs: torch.Tensor, targets) -> None:

@@ -140,9 +140,15 @@ def load_generation_defaults(folder: str, source: str) -> dict:
     return {ours: raw[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if raw.get(theirs) is not None}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{folder!r} has no tokenizer; pass tokenizer=... (--tokenizer), or skip_tokenizer_init=True "
+                         "(--skip-tokenizer-init) to run on token-id prompts only")
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:

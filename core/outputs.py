@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 class Logprob:
     logprob: float
     rank: int  # 1 = the most likely token
-    decoded_token: str
+    decoded_token: str | None  # None when the engine runs without a tokenizer
 
 
 PositionLogprobs = dict[int, Logprob]  # token id -> its logprob at one position

@@ -16,6 +16,8 @@ def load_chat_template(template: str | None) -> str | None:
 
 def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None,
                         add_generation_prompt: bool = True) -> list[int]:
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer; the engine runs without one (skip_tokenizer_init)")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template; pass chat_template (a Jinja template string or file)")
     text = tokenizer.apply_chat_template(conversation, chat_template=load_chat_template(chat_template), tokenize=False,

@@ -5,6 +5,8 @@ import pytest
 import torch
 from test_models import assert_greedy_matches_hf
 
+from llmserve import LLM, SamplingParams
+
 from llmserve.loader import load_hf_config
 from llmserve.plugins.select import model_class
 
@@ -47,3 +49,17 @@ def test_benchmark_configs_build(name, architecture, parameters, heads):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) == parameters
     spec = ours.attention_spec(16)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.sliding_window) == (*heads, None)
+
+
+def test_benchmark_config_runs_without_tokenizer():
+    folder = str(BENCHMARK_MODELS / "SmolLM2-135M")
+    with pytest.raises(ValueError, match="skip_tokenizer_init"):
+        LLM(model=folder, load_format="dummy")
+    llm = LLM(model=folder, load_format="dummy", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+              kv_cache_memory_bytes=64 << 20)
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=5, ignore_eos=True, logprobs=1), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].text == ""
+    assert out.outputs[0].logprobs[0][out.outputs[0].token_ids[0]].decoded_token is None
+    for prompt, params in (("text", SamplingParams()), ([1, 2], SamplingParams(stop="x"))):
+        with pytest.raises(ValueError, match="skip_tokenizer_init"):
+            llm.generate(prompt, params, use_tqdm=False)
