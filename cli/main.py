@@ -7,4 +7,4 @@ app = typer.Typer(help="llmserve: a small, plugin-based LLM inference and servin
 @app.callback()
 def main() -> None:
     """llmserve: a small, plugin-based LLM inference and serving engine."""
-from llmserve.cli import bench, generate, plugins, serve  # noqa: E305,E402,F401  (each registers its commands)
+from llmserve.cli import bench, bench_offline, generate, plugins, serve  # noqa: E305,E402,F401  (each registers its commands)
