@@ -1,0 +1,156 @@
+"""TRITON_ATTN's kernels against a plain fp32 reference (gather each request's keys and values, masked softmax).
+
+Without CUDA they run in Triton's interpreter at small shapes; with CUDA, compiled, at larger ones.
+"""
+import math
+import os
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when the kernels are defined: on first use
+pytest.importorskip("triton")
+
+from llmserve.backends.triton_attn import TritonAttnBackend, write_kv  # noqa: E402
+from llmserve.interfaces import AttentionSpec, BatchLayout  # noqa: E402
+
+GPU = DEVICE == "cuda"
+SCALE = 24 if GPU else 1  # contexts and prefill chunks grow by this factor on a GPU
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9), (0, 0)]  # (cached tokens, new tokens); last: padding
+DECODE = [(70, 1), (5, 1), (130, 1), (33, 1)]
+
+
+def scaled(requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(c * SCALE, n * SCALE if n > 1 else n) for c, n in requests]
+
+
+def reference(q, k, v, cache, tables, requests, scale, window) -> torch.Tensor:
+    """Each request's queries over its cached tokens (read through its block table) and its new ones, in fp32."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    block_size, group, start = cache.shape[2], q.shape[1] // k.shape[1], 0
+    for (context, n), table in zip(requests, tables):
+        pos = torch.arange(context, device=q.device)
+        blocks = torch.tensor(table, device=q.device, dtype=torch.long)[pos // block_size]
+        keys = torch.cat([cache[0, blocks, pos % block_size], k[start:start + n]]).float().repeat_interleave(group, 1)
+        values = torch.cat([cache[1, blocks, pos % block_size], v[start:start + n]]).float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:start + n].float(), keys) * scale
+        query_pos = torch.arange(context, context + n, device=q.device)[:, None]
+        key_pos = torch.arange(context + n, device=q.device)[None, :]
+        visible = key_pos <= query_pos
+        if window:
+            visible &= key_pos > query_pos - window
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, values)
+        start += n
+    return out
+
+
+def make_batch(requests, block_size: int):
+    """Block tables drawn from a shuffled pool, with a spare block each (the allocator may have one ready)."""
+    needed = [math.ceil((c + n) / block_size) + (1 if c + n else 0) for c, n in requests]
+    pool = torch.randperm(sum(needed) + 3).tolist()
+    tables, used = [], 0
+    for count in needed:
+        tables.append(pool[used:used + count])
+        used += count
+    slots = [table[p // block_size] * block_size + p % block_size
+             for (c, n), table in zip(requests, tables) for p in range(c, c + n)]
+    return tables, slots, len(pool)
+
+
+def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None):
+    torch.manual_seed(zlib.crc32(repr((dtype, heads, kv_heads, head_dim, block_size, requests, window)).encode()))
+    tables, slots, num_blocks = make_batch(requests, block_size)
+    tokens = sum(n for _, n in requests)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    q = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype)
+    spec = AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window)
+    backend = TritonAttnBackend(spec, torch.device(DEVICE))
+    backend.kv_segments = segments
+    layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), tables,
+                         torch.tensor(slots, dtype=torch.int64, device=DEVICE), block_size, torch.device(DEVICE))
+    layer = SimpleNamespace(scale=head_dim**-0.5, sliding_window=window)
+    expected = reference(q, k, v, cache, tables, requests, layer.scale, window)
+    out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mixed_batch_gqa(device, segments, dtype):
+    heads, kv_heads = (32, 8) if GPU else (4, 2)
+    run_case(dtype, heads, kv_heads, 64, 16, scaled(MIXED), segments=segments)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 4])
+def test_decode_mqa(device, segments):
+    run_case(torch.bfloat16, 16 if GPU else 4, 1, 128, 32, scaled(DECODE), segments=segments)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mha_head_256_fp16(device):
+    heads = 16 if GPU else 2
+    run_case(torch.float16, heads, heads, 256, 16, scaled([(20, 12), (33, 1), (0, 5)]))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 2])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_sliding_window(device, segments, block_size):
+    heads, kv_heads = (32, 8) if GPU else (6, 2)
+    requests = scaled([(45, 30), (80, 1), (0, 40), (100, 17)])
+    run_case(torch.bfloat16 if GPU else torch.float32, heads, kv_heads, 128, block_size, requests,
+             window=21 * SCALE, segments=segments)
+
+
+@pytest.mark.skipif(not GPU, reason="fp16/bf16 at every head size: realistic shapes need a GPU")
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("window", [None, 500])
+def test_gpu_head_sizes_and_dtypes(head_dim, dtype, window):
+    run_case(dtype, 32, 8, head_dim, 16, scaled(MIXED), window=window)
+    run_case(dtype, 32, 8, head_dim, 32, scaled(DECODE), window=window)
+
+
+def test_heuristic_splits_only_long_decodes_that_leave_the_gpu_idle():
+    backend = TritonAttnBackend(AttentionSpec(32, 8, 128, torch.bfloat16, 16), torch.device("cpu"))
+    assert backend.num_segments(num_reqs=2, max_query_len=1, max_seq_len=32768) == 16
+    assert backend.num_segments(num_reqs=2, max_query_len=1, max_seq_len=1000) == 1  # too short to pay off
+    assert backend.num_segments(num_reqs=64, max_query_len=1, max_seq_len=32768) == 1  # the GPU is full already
+    assert backend.num_segments(num_reqs=2, max_query_len=512, max_seq_len=32768) == 1  # prefill: enough tiles
+
+
+def test_metadata_is_packed_and_padded():
+    backend = TritonAttnBackend(AttentionSpec(4, 2, 64, torch.float32, 16), torch.device(DEVICE))
+    layout = BatchLayout(np.array([3, 1, 0]), np.array([0, 40, 0]), [[7], [2, 5, 9], []],
+                         torch.zeros(4, dtype=torch.int64), 16, torch.device(DEVICE))
+    md = backend.build_metadata(layout)
+    assert md.query_start_loc.tolist() == [0, 3, 4, 4] and md.seq_lens.tolist() == [3, 41, 0]
+    assert md.block_table.tolist() == [[7, 0, 0], [2, 5, 9], [0, 0, 0]]
+    assert md.block_table.dtype == torch.int32 and md.max_query_len == 3 and md.max_seq_len == 41
+    assert md.block_table.untyped_storage().data_ptr() == md.seq_lens.untyped_storage().data_ptr()  # one copy
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_write_kv_skips_negative_slots(device):
+    block_size, kv_heads, head_dim, num_blocks = 16, 3, 64, 5
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(torch.bfloat16)
+    qkv = torch.randn(7, 2 * kv_heads + 1, head_dim, device=DEVICE).to(torch.bfloat16)
+    k, v = qkv[:, 1:1 + kv_heads], qkv[:, 1 + kv_heads:]  # strided views, as split from a fused projection
+    slots = torch.tensor([17, 0, -1, 79, 40, -1, 63], device=DEVICE)
+    expected = cache.clone()
+    keep = slots >= 0
+    expected[0].view(-1, kv_heads, head_dim)[slots[keep]] = k[keep]
+    expected[1].view(-1, kv_heads, head_dim)[slots[keep]] = v[keep]
+    write_kv(k, v, cache, slots)
+    assert torch.equal(cache, expected)
