@@ -44,6 +44,7 @@ class TritonAttnMetadata:
     max_query_len: int
     max_seq_len: int
     num_segments: int  # KV segments per query tile (power of two); 1: no split, no reduce
+    buffer: torch.Tensor | None = None  # the device buffer the three tensors above are views of
     partial_out: torch.Tensor | None = None  # [T, heads, segments, head_dim] fp32, shared by the layers
     partial_ml: torch.Tensor | None = None  # [T, heads, segments, 2] fp32: running max (log2 domain) and sum
 
@@ -293,6 +294,7 @@ class TritonAttnBackend(AttentionBackend):
     head_sizes = (64, 128, 256)  # powers of two: tl.arange spans the head
     block_sizes = (16, 32, 64, 128)
     required_packages = {"triton": "triton>=3.6"}
+    supports_cuda_graphs = True
     kv_segments: int | None = None  # None: chosen per batch; a power of two forces that many KV segments
 
     def num_segments(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
@@ -305,29 +307,47 @@ class TritonAttnBackend(AttentionBackend):
         segments = min(free, max_seq_len // MIN_SEGMENT_KEYS, MAX_SEGMENTS)
         return 1 << (segments.bit_length() - 1) if segments > 1 else 1
 
-    def build_metadata(self, batch: BatchLayout) -> TritonAttnMetadata:
-        query_lens, seq_lens = batch.query_lens, batch.seq_lens
-        num_reqs = len(query_lens)
+    @staticmethod
+    def host_metadata(batch: BatchLayout, width: int | None = None) -> np.ndarray:
+        """One host buffer for one copy: query_start_loc [B + 1], seq_lens [B], block table [B, width]."""
+        num_reqs = len(batch.query_lens)
         lengths = np.array([len(t) for t in batch.block_tables], dtype=np.int64)
-        width = max(int(lengths.max(initial=0)), 1)
-        # one host buffer, one copy: query_start_loc [B + 1], seq_lens [B], block table [B, width]
+        width = width or max(int(lengths.max(initial=0)), 1)
         host = np.zeros(2 * num_reqs + 1 + num_reqs * width, dtype=np.int32)
         host[:num_reqs + 1] = batch.query_start_loc
-        host[num_reqs + 1:2 * num_reqs + 1] = seq_lens
+        host[num_reqs + 1:2 * num_reqs + 1] = batch.seq_lens
         table = host[2 * num_reqs + 1:].reshape(num_reqs, width)
         if lengths.sum():
             table[np.arange(width)[None, :] < lengths[:, None]] = np.concatenate(batch.block_tables)
+        return host
+
+    def build_metadata(self, batch: BatchLayout, width: int | None = None,
+                       max_seq_len: int | None = None) -> TritonAttnMetadata:
+        num_reqs = len(batch.query_lens)
+        host = self.host_metadata(batch, width)
+        width = (len(host) - 2 * num_reqs - 1) // num_reqs
         device = torch.from_numpy(host).to(batch.device, non_blocking=True)
-        max_query_len, max_seq_len = int(query_lens.max(initial=0)), int(seq_lens.max(initial=0))
+        max_query_len = int(batch.query_lens.max(initial=0))
+        max_seq_len = max_seq_len or int(batch.seq_lens.max(initial=0))
         segments = self.num_segments(num_reqs, max_query_len, max_seq_len)
         md = TritonAttnMetadata(batch.slot_mapping, device[:num_reqs + 1], device[num_reqs + 1:2 * num_reqs + 1],
-                                device[2 * num_reqs + 1:].view(num_reqs, width), max_query_len, max_seq_len, segments)
+                                device[2 * num_reqs + 1:].view(num_reqs, width), max_query_len, max_seq_len, segments,
+                                device)
         if segments > 1:
             s, tokens = self.spec, batch.slot_mapping.shape[0]
             md.partial_out = torch.empty((tokens, s.num_heads, segments, s.head_dim), dtype=torch.float32,
                                          device=batch.device)
             md.partial_ml = torch.empty((tokens, s.num_heads, segments, 2), dtype=torch.float32, device=batch.device)
         return md
+
+    def build_graph_metadata(self, batch: BatchLayout, max_blocks: int,
+                             out: TritonAttnMetadata | None = None) -> TritonAttnMetadata:
+        """Block tables padded to max_blocks; the KV split chosen for the longest context, once per graph."""
+        if out is None:
+            return self.build_metadata(batch, max_blocks, max_blocks * batch.block_size)
+        out.buffer.copy_(torch.from_numpy(self.host_metadata(batch, max_blocks)), non_blocking=True)
+        out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
+        return out
 
     def forward(self, layer, q, k, v, kv_cache, metadata: TritonAttnMetadata) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)

@@ -10,10 +10,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from llmserve.cli.main import app
-
-bench = typer.Typer(help="Benchmarks.", no_args_is_help=True)
-app.add_typer(bench, name="bench")
+from llmserve.cli.main import bench_app
 
 
 @dataclass
@@ -122,7 +119,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
             "errors": sorted({r.error for r in results if r.error})[:5]}
 
 
-@bench.command("serve")
+@bench_app.command("serve")
 def bench_serve(
     base_url: Annotated[str, typer.Option(help="The server's OpenAI base URL.")] = "http://127.0.0.1:8000/v1",
     model: Annotated[Optional[str], typer.Option(help="Model name (default: the server's first).")] = None,

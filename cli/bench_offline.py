@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import typer
 
-from llmserve.cli.bench import bench
+from llmserve.cli.main import bench_app
 from llmserve.cli.engine_options import build_engine, engine_command
 from llmserve.engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
@@ -94,7 +94,7 @@ def warm_up(engine: LLMEngine) -> None:
     run_all(engine, Workload([[1] * 16] * 2, [4, 4]), ignore_eos=True)
 
 
-@bench.command("throughput")
+@bench_app.command("throughput")
 @engine_command
 def bench_throughput(
     model: Annotated[Optional[str], typer.Option(help="HF folder, .gguf file or hub id (default: the embedded "
@@ -133,7 +133,7 @@ def bench_throughput(
         ("Memory-read floor (s)", "memory_floor_s", ".2f"), ("Fraction of roofline", "roofline_fraction", ".2f")])
 
 
-@bench.command("latency")
+@bench_app.command("latency")
 @engine_command
 def bench_latency(
     model: Annotated[Optional[str], typer.Option(help="HF folder, .gguf file or hub id (default: the embedded "

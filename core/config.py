@@ -28,6 +28,7 @@ class EngineConfig:
     chat_template: str | None = None  # a Jinja template or a file holding one; None: the model's
     generation_config: str = "auto"  # "auto": the model's generation_config.json defaults; "vllm": ours; or a folder
     device: str | None = None  # None: the detected platform's device
+    enforce_eager: bool = False  # True: no CUDA graphs
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:

@@ -50,6 +50,7 @@ class AttentionBackend(ABC):
     head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
     block_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_sliding_window: ClassVar[bool] = True
+    supports_cuda_graphs: ClassVar[bool] = False  # True: implements build_graph_metadata
     required_packages: ClassVar[dict[str, str]] = {}  # import name -> pip requirement
 
     @classmethod
@@ -84,6 +85,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def build_metadata(self, batch: BatchLayout) -> Any: ...
+
+    def build_graph_metadata(self, batch: BatchLayout, max_blocks: int, out: Any = None) -> Any:
+        """Metadata of a decode batch whose tensors keep their shapes for every batch of this size (block tables
+        padded to max_blocks), for a CUDA graph; with `out`, write into out's tensors in place and return it."""
+        raise NotImplementedError(f"{self.name} does not support CUDA graphs")
 
     @abstractmethod
     def forward(self, layer: "AttentionLayer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -30,14 +30,22 @@ class ModelRunner:
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
         self.dtype = resolve_dtype(config.dtype, model_dtype, platform.default_dtype())
-        self.model = self.build_model(model_class(hf_config), hf_config)
+        try:
+            self.model = self.build_model(model_class(hf_config), hf_config)
+            if config.load_format == "dummy":
+                self.init_dummy_weights()
+            else:
+                self.model.load_weights(iter_weights(model_path))
+        except torch.OutOfMemoryError:
+            raise ValueError(self.weights_do_not_fit(model_class(hf_config), hf_config)) from None
         self.spec = self.model.attention_spec(config.block_size)
         self.backend = select_attention_backend(config.attention_backend, self.spec, platform)(self.spec, self.device)
-        if config.load_format == "dummy":
-            self.init_dummy_weights()
-        else:
-            self.model.load_weights(iter_weights(model_path))
         platform.prepare_model(self.model)
+        self.host_buffer = torch.empty(3 * config.max_num_batched_tokens + 3 * 1024, dtype=torch.int64,
+                                       pin_memory=self.device.type == "cuda")
+        self.graphs = None
+        if self.device.type == "cuda" and not config.kv_cache_memory_bytes:
+            self.profile_peak_memory()
         self.num_blocks = self.allocate_kv_cache()
 
     def build_model(self, cls, hf_config) -> torch.nn.Module:
@@ -48,6 +56,34 @@ class ModelRunner:
                 return cls(hf_config, self.dtype).eval()
         finally:
             torch.set_default_dtype(default)
+
+    def weights_do_not_fit(self, cls, hf_config) -> str:
+        with torch.device("meta"):
+            needed = sum(p.numel() for p in cls(hf_config, self.dtype).parameters()) * self.dtype.itemsize
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (f"the model's weights need {needed / 2**30:.1f} GiB in {str(self.dtype).removeprefix('torch.')}, "
+                f"more than the {total / 2**30:.1f} GiB GPU has room for ({free / 2**30:.1f} GiB free before loading); "
+                "use a GPU with more memory, a smaller model or a smaller dtype")
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> None:
+        """One forward pass of max_num_batched_tokens tokens (and logits for max_num_seqs rows), so that the
+        peak memory it leaves in torch's statistics tells the platform what the KV cache may take."""
+        tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
+        num_blocks = -(-tokens // bs)
+        layers = self.layers()
+        for layer in layers:
+            layer.backend = self.backend
+            layer.kv_cache = torch.zeros(self.backend.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device)
+        positions = torch.arange(tokens, device=self.device)
+        layout = BatchLayout(np.array([tokens]), np.array([0]), [list(range(num_blocks))], positions, bs, self.device)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=self.device), positions,
+                            self.backend.build_metadata(layout))
+        rows = min(self.config.max_num_seqs, tokens)
+        self.model.compute_logits(hidden[:rows]).float().log_softmax(-1).sort(dim=-1)
+        for layer in layers:
+            layer.kv_cache = torch.empty(0)
+        torch.cuda.synchronize(self.device)
 
     def init_dummy_weights(self) -> None:
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
@@ -70,33 +106,61 @@ class ModelRunner:
         num_blocks = self.platform.kv_cache_bytes(self.config) // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache: one block of {s.block_size} tokens needs "
-                             f"{bytes_per_block} bytes; raise kv_cache_memory_bytes (or gpu_memory_utilization)")
-        for layer in layers:
-            layer.backend = self.backend
-            layer.kv_cache = self.platform.zeroed_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype, self.device)
+                             f"{bytes_per_block} bytes; raise kv_cache_memory_bytes or gpu_memory_utilization, "
+                             "or lower max_num_batched_tokens (the activation memory reserved for one step)")
+        try:
+            for layer in layers:
+                layer.backend = self.backend
+                layer.kv_cache = self.platform.zeroed_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype,
+                                                               self.device)
+        except torch.OutOfMemoryError:
+            raise ValueError(f"a KV cache of {num_blocks * bytes_per_block / 2**30:.1f} GiB does not fit in the GPU's "
+                             f"free memory; lower kv_cache_memory_bytes or gpu_memory_utilization") from None
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, s.block_size,
                     num_blocks * bytes_per_block / 2**30)
         return num_blocks
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+    def capture_cuda_graphs(self, max_model_len: int) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
+            return
+        from llmserve.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
+                                   self.config.block_size, self.device)
+        self.graphs.capture()
+
+    def prepare(self, batch: ScheduledBatch, pad_to: int | None) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+        """The flat batch, uploaded in one copy; padded with decode rows up to `pad_to` requests for a CUDA graph."""
         bs = self.config.block_size
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         num_computed = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)
+        tables = [r.block_ids for r in batch.requests]
         positions = np.concatenate([np.arange(c, c + n) for c, n in zip(num_computed, query_lens)])
         input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
-        owner = np.repeat(np.arange(len(query_lens)), query_lens)
-        tables = [r.block_ids for r in batch.requests]
-        width = max(len(t) for t in tables)
-        padded = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)
-        slots = padded[owner, positions // bs] * bs + positions % bs
-        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        layout = BatchLayout(query_lens, num_computed, tables, to(slots), bs, self.device)
-        return layout, to(input_ids.astype(np.int64)), to(positions)
+        slots = np.concatenate([np.asarray(t)[p // bs] * bs + p % bs for t, p in
+                                zip(tables, np.split(positions, np.cumsum(query_lens)[:-1]))])
+        if pad_to is not None and pad_to > len(tables):
+            extra = pad_to - len(tables)
+            query_lens = np.concatenate([query_lens, np.ones(extra, dtype=np.int64)])
+            num_computed = np.concatenate([num_computed, np.zeros(extra, dtype=np.int64)])
+            tables = tables + [[]] * extra
+            input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
+            slots = np.pad(slots, (0, extra), constant_values=-1)
+        tokens = len(input_ids)
+        host = self.host_buffer[:3 * tokens].numpy()
+        host[:tokens], host[tokens:2 * tokens], host[2 * tokens:] = input_ids, positions, slots
+        device = self.host_buffer[:3 * tokens].to(self.device, non_blocking=True)
+        layout = BatchLayout(query_lens, num_computed, tables, device[2 * tokens:], bs, self.device)
+        return layout, device[:tokens], device[tokens:2 * tokens]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        layout, input_ids, positions = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.backend.build_metadata(layout))
+        graph_size = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
+        layout, input_ids, positions = self.prepare(batch, graph_size)
+        if graph_size is not None:
+            hidden = self.graphs.run(layout, input_ids, positions)
+        else:
+            hidden = self.model(input_ids, positions, self.backend.build_metadata(layout))
         ends = layout.query_start_loc[1:] - 1
         rows = [i for i, r in enumerate(batch.requests) if r.num_computed_tokens + batch.num_new_tokens[i] == r.num_tokens]
         sampled = [batch.requests[i] for i in rows]

@@ -50,11 +50,13 @@ class CudaPlatform(Platform):
 
     @classmethod
     def kv_cache_bytes(cls, config) -> int:
+        """What gpu_memory_utilization leaves after the weights and the peak of the profiling step (torch's
+        statistics) and the memory torch does not manage (the CUDA context, other processes)."""
         if config.kv_cache_memory_bytes:
             return config.kv_cache_memory_bytes
         free, total = torch.cuda.mem_get_info()
-        used = total - free
-        return int(total * config.gpu_memory_utilization) - used
+        not_torch = total - free - torch.cuda.memory_reserved()
+        return int(total * config.gpu_memory_utilization) - torch.cuda.max_memory_allocated() - not_torch
 
 
 class RocmPlatform(CudaPlatform):

@@ -60,4 +60,4 @@ def test_unsupported_architecture(tmp_path):
 
     GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported.*LlamaForCausalLM"):
-        LLM(model=str(tmp_path), load_format="dummy")
+        LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True)

@@ -1,0 +1,62 @@
+"""The engine on a CUDA GPU (skipped without one): TRITON_ATTN with and without CUDA graphs equals the TORCH_SDPA
+path and HF transformers on the same random weights, in float32, for mixed batches of prefill chunks and decodes."""
+import pytest
+import torch
+from conftest import hf_greedy
+
+from llmserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SHARED = list(range(300, 348))  # a 48-token prefix shared by some prompts: prefix-cache hits mid-batch
+PROMPTS = [[5, 17, 300, 4000, 12], list(range(200, 290)), [42] * 7, SHARED + [7, 8, 9], SHARED + list(range(50)),
+           list(range(1000, 1400)), [11, 12]]
+
+
+def save_random(config, folder) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+
+
+def tiny(architecture: str):
+    from transformers import LlamaConfig, Qwen3Config
+
+    args = dict(vocab_size=5000, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+    return LlamaConfig(**args) if architecture == "llama" else Qwen3Config(**args, tie_word_embeddings=True)
+
+
+def run(folder, **engine_args) -> list[list[int]]:
+    llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=128,
+              max_num_seqs=8, **engine_args)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert llm.engine.stats["max_batch_size"] > 1
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_triton_attn_with_and_without_graphs_equals_sdpa_and_hf(tmp_path, architecture):
+    from transformers import AutoModelForCausalLM
+
+    save_random(tiny(architecture), tmp_path)
+    reference = run(tmp_path, attention_backend="TORCH_SDPA", enforce_eager=True)
+    assert run(tmp_path, attention_backend="TRITON_ATTN") == reference
+    assert run(tmp_path, attention_backend="TRITON_ATTN", enforce_eager=True) == reference
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    assert [hf_greedy(hf, p, 24)[0] for p in PROMPTS] == reference
+
+
+def test_kv_cache_too_large_is_a_clear_error(tmp_path):
+    save_random(tiny("llama"), tmp_path)
+    total = torch.cuda.mem_get_info()[1]
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes|gpu_memory_utilization"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, gpu_memory_utilization=0.0001)
+    with pytest.raises(ValueError, match="GiB"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=2 * total)
