@@ -44,7 +44,7 @@ def server_command(engine: str, model: str, port: int, args: argparse.Namespace)
     if not python.is_file():
         return None
     return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-            "--dtype", args.dtype, "--served-model-name", "model", "--seed", "0", "--disable-log-requests"]
+            "--dtype", args.dtype, "--served-model-name", "model", "--seed", "0"]
 
 
 def measure(engine: str, model: str, prompts: list, args: argparse.Namespace) -> dict | None:

@@ -97,7 +97,9 @@ async def run_load(base_url: str, api_key: str, model: str | None, prompts: list
         tasks.append(asyncio.create_task(limited(prompt)))
         await asyncio.sleep(gap)
     results = await asyncio.gather(*tasks)
-    return model, results, time.perf_counter() - start
+    duration = time.perf_counter() - start
+    await client.close()
+    return model, results, duration
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:

@@ -86,7 +86,7 @@ def run_all(engine: LLMEngine, workload: Workload, ignore_eos: bool) -> tuple[fl
         engine.add_request(str(i), prompt, p, prompt)
     output_tokens, start = 0, time.perf_counter()
     while engine.has_unfinished_requests():
-        output_tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        output_tokens += sum(len(o.outputs[0].token_ids) for o in engine.step(finished_only=True))
     return time.perf_counter() - start, output_tokens
 
 
@@ -125,7 +125,7 @@ def bench_throughput(
               "total_tokens_per_s": (workload.prompt_tokens + output_tokens) / wall,
               "output_tokens_per_s": output_tokens / wall, "steps": steps, "memory_bandwidth_gb_s": bandwidth / 1e9,
               "memory_floor_s": floor, "roofline_fraction": floor / wall,
-              "engine": {k: v for k, v in engine_args.items()} | {"model": model}}
+              "engine_args": engine_args | {"model": model}}
     report(result, output_json, [
         ("Requests/s", "requests_per_s", ".2f"), ("Total tokens/s", "total_tokens_per_s", ".1f"),
         ("Output tokens/s", "output_tokens_per_s", ".1f"), ("Elapsed (s)", "elapsed_s", ".2f"),
@@ -158,7 +158,7 @@ def bench_latency(
               "latencies_s": walls, "prefill_s": prefill_wall,
               "time_per_output_token_ms": (wall - prefill_wall) / max(output_len - 1, 1) * 1000,
               "weight_read_floor_ms": weight_bytes(engine) / bandwidth * 1000,
-              "memory_bandwidth_gb_s": bandwidth / 1e9, "engine": engine_args | {"model": model}}
+              "memory_bandwidth_gb_s": bandwidth / 1e9, "engine_args": engine_args | {"model": model}}
     report(result, output_json, [
         ("Batch latency (s, median)", "latency_s", ".3f"), ("Prefill (s)", "prefill_s", ".4f"),
         ("Time per output token (ms)", "time_per_output_token_ms", ".2f"),

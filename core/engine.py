@@ -137,8 +137,9 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of every request that advanced (finished ones are forgotten)."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one batch; return the outputs of every request that advanced, or only of those that finished
+        (which are then forgotten)."""
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
@@ -156,7 +157,7 @@ class LLMEngine:
         outputs = []
         for request_id in touched:
             group = self.groups.get(request_id)
-            if group is None:
+            if group is None or (finished_only and not group.finished):
                 continue
             outputs.append(self.make_output(group))
             if group.finished:

@@ -73,14 +73,16 @@ class KVCacheManager:
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Publish the request's full, computed blocks to the prefix cache."""
-        if not self.enable_prefix_caching:
+        full = request.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= request.num_published_blocks:
             return
         self.hash_full_blocks(request)
-        for i in range(request.num_computed_tokens // self.block_size):
+        for i in range(request.num_published_blocks, full):
             block = request.block_ids[i]
             if self.block_hash[block] is None:
                 self.block_hash[block] = request.block_hashes[i]
                 self.cached.setdefault(request.block_hashes[i], block)
+        request.num_published_blocks = full
 
     def release(self, request: Request) -> None:
         """Return the request's blocks; cached ones stay findable until reused. Tail blocks are evicted first."""
@@ -89,3 +91,4 @@ class KVCacheManager:
             if self.ref_counts[block] == 0:
                 self.free[block] = None
         request.block_ids = []
+        request.num_published_blocks = 0

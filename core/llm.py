@@ -48,7 +48,7 @@ class LLM:
         start, prompt_tokens, output_tokens = time.perf_counter(), 0, 0
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.engine.step(finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         prompt_tokens += len(out.prompt_token_ids)

@@ -71,6 +71,7 @@ class ModelRunner:
         peak memory it leaves in torch's statistics tells the platform what the KV cache may take."""
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
         num_blocks = -(-tokens // bs)
+        torch.cuda.reset_peak_memory_stats(self.device)
         layers = self.layers()
         for layer in layers:
             layer.backend = self.backend
@@ -137,8 +138,11 @@ class ModelRunner:
         tables = [r.block_ids for r in batch.requests]
         positions = np.concatenate([np.arange(c, c + n) for c, n in zip(num_computed, query_lens)])
         input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
-        slots = np.concatenate([np.asarray(t)[p // bs] * bs + p % bs for t, p in
-                                zip(tables, np.split(positions, np.cumsum(query_lens)[:-1]))])
+        if len(positions) == len(tables):  # all decode: one slot each, no arrays per request
+            slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
+        else:
+            slots = np.concatenate([np.asarray(t)[p // bs] * bs + p % bs for t, p in
+                                    zip(tables, np.split(positions, np.cumsum(query_lens)[:-1]))])
         if pad_to is not None and pad_to > len(tables):
             extra = pad_to - len(tables)
             query_lens = np.concatenate([query_lens, np.ones(extra, dtype=np.int64)])

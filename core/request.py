@@ -26,6 +26,7 @@ class Request:
     group_id: str = ""  # the user's request id; n > 1 completions share it
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

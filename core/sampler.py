@@ -17,18 +17,21 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    params = [r.params for r in requests]
+    want_logprobs = any(p.logprobs is not None for p in params)
+    log_total = torch.logsumexp(logits, dim=-1)  # one pass: the full log_softmax only when logprobs are asked for
+    raw_logprobs = logits - log_total[:, None] if want_logprobs else None
+    raw_chosen_logits = logits  # block_early_stop masks in place, but never at a token it lets be sampled
     logits = apply_penalties(logits, requests)
     logits = block_early_stop(logits, requests)
-    params = [r.params for r in requests]
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     token_ids = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         token_ids = torch.where(greedy, token_ids, sample_random(logits, requests))
-    sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    sampled_logprobs = raw_chosen_logits.gather(1, token_ids[:, None]).squeeze(1) - log_total
     want = max((p.logprobs or 0) for p in params)
     top_ids = top_logprobs = ranks = None
-    if any(p.logprobs is not None for p in params):
+    if want_logprobs:
         top_logprobs, top_ids = raw_logprobs.topk(max(want, 1), dim=-1)
         ranks = ((raw_logprobs > sampled_logprobs[:, None]).sum(-1) + 1).tolist()
     return SamplerOutput(token_ids.tolist(), sampled_logprobs.tolist(), top_ids, top_logprobs, ranks)

@@ -50,7 +50,7 @@ def hf_model():
 
 def hf_greedy(model, token_ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
     """HF's greedy continuation and the logprob of each chosen token."""
-    out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+    out = model.generate(torch.tensor([token_ids], device=model.device), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
                          output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(token_ids):].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]

@@ -1,5 +1,7 @@
 """The engine on a CUDA GPU (skipped without one): TRITON_ATTN with and without CUDA graphs equals the TORCH_SDPA
 path and HF transformers on the same random weights, in float32, for mixed batches of prefill chunks and decodes."""
+import gc
+
 import pytest
 import torch
 from conftest import hf_greedy
@@ -37,6 +39,9 @@ def run(folder, **engine_args) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert llm.engine.stats["max_batch_size"] > 1
+    del llm  # free its KV cache before the next engine measures the free memory
+    gc.collect()
+    torch.cuda.empty_cache()
     return [o.outputs[0].token_ids for o in outputs]
 
 
@@ -48,9 +53,23 @@ def test_triton_attn_with_and_without_graphs_equals_sdpa_and_hf(tmp_path, archit
     reference = run(tmp_path, attention_backend="TORCH_SDPA", enforce_eager=True)
     assert run(tmp_path, attention_backend="TRITON_ATTN") == reference
     assert run(tmp_path, attention_backend="TRITON_ATTN", enforce_eager=True) == reference
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
     hf.generation_config.eos_token_id = None
-    assert [hf_greedy(hf, p, 24)[0] for p in PROMPTS] == reference
+    for prompt, ours in zip(PROMPTS, reference):
+        assert_equal_up_to_near_tie(hf, prompt, ours)
+
+
+def assert_equal_up_to_near_tie(hf, prompt: list[int], ours: list[int]) -> None:
+    """HF's greedy tokens equal ours, or first differ where HF's own top two logits are a near tie (there the
+    order of a float reduction decides, and the sequences go separate ways after)."""
+    theirs = hf_greedy(hf, prompt, len(ours))[0]
+    if theirs == ours:
+        return
+    j = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + ours[:j]], device="cuda")).logits[0, -1].float()
+    gap = (logits[theirs[j]] - logits[ours[j]]).item()
+    assert gap < 1e-4 * max(1.0, logits.abs().max().item()), (j, gap)
 
 
 def test_kv_cache_too_large_is_a_clear_error(tmp_path):

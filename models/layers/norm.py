@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from llmserve.models.layers import triton_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
@@ -11,6 +13,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMS-normalise x (after adding residual, when given: then also return the new residual)."""
+        if triton_ops.fused(x):
+            out = triton_ops.rms_norm(x, self.weight, self.eps, self.offset, residual)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -3,6 +3,8 @@ import math
 import torch
 from torch import nn
 
+from llmserve.models.layers import triton_ops
+
 
 def rope_parameters(hf_config) -> dict:
     """Rope settings from either transformers 5 (`rope_parameters`) or 4 (`rope_theta` + `rope_scaling`)."""
@@ -39,14 +41,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotation of each token, [T, 1, head_dim / 2] each; computed once per step and shared by all layers."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+    def cos_sin(self, positions: torch.Tensor) -> tuple:
+        """The rotation of each token, computed once per step and shared by all layers: [T, 1, head_dim / 2]
+        cos and sin, or on a GPU the whole tables and the positions, for the fused kernel."""
+        if triton_ops.fused(positions):
+            return self.cos, self.sin, positions
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1), None
 
     @staticmethod
-    def forward(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin()."""
-        cos, sin = cos_sin
+    def forward(cos_sin: tuple, q: torch.Tensor, k: torch.Tensor):
+        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin() (in place on a GPU)."""
+        cos, sin, positions = cos_sin
+        if positions is not None:
+            return triton_ops.rotary_(q, cos, sin, positions), triton_ops.rotary_(k, cos, sin, positions)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
