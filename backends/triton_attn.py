@@ -345,7 +345,12 @@ class TritonAttnBackend(AttentionBackend):
         """Block tables padded to max_blocks; the KV split chosen for the longest context, once per graph."""
         if out is None:
             return self.build_metadata(batch, max_blocks, max_blocks * batch.block_size)
-        out.buffer.copy_(torch.from_numpy(self.host_metadata(batch, max_blocks)), non_blocking=True)
+        host = self.host_metadata(batch)  # the table only as wide as this batch needs: columns past a request's
+        num_reqs = len(batch.query_lens)  # last block are never read, so the graph's stale ones do no harm
+        width = (len(host) - 2 * num_reqs - 1) // num_reqs
+        out.buffer[:2 * num_reqs + 1].copy_(torch.from_numpy(host[:2 * num_reqs + 1]), non_blocking=True)
+        out.block_table[:, :width].copy_(torch.from_numpy(host[2 * num_reqs + 1:].reshape(num_reqs, width)),
+                                         non_blocking=True)
         out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
         return out
 
