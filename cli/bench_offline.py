@@ -10,7 +10,7 @@ import torch
 import typer
 
 from llmserve.cli.main import bench_app
-from llmserve.cli.engine_options import build_engine, engine_command
+from llmserve.cli.engine_options import ModelOption, build_engine, engine_command
 from llmserve.engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
 
@@ -97,8 +97,7 @@ def warm_up(engine: LLMEngine) -> None:
 @bench_app.command("throughput")
 @engine_command
 def bench_throughput(
-    model: Annotated[Optional[str], typer.Option(help="HF folder, .gguf file or hub id (default: the embedded "
-                                                      "model).")] = None,
+    model: ModelOption = None,
     num_prompts: Annotated[int, typer.Option(help="Requests.")] = 1000,
     input_len: Lengths = "1024", output_len: Lengths = "128",
     dataset: Annotated[Optional[str], typer.Option(help="A file of prompts (lines, or JSON lines with 'prompt') "
@@ -136,8 +135,7 @@ def bench_throughput(
 @bench_app.command("latency")
 @engine_command
 def bench_latency(
-    model: Annotated[Optional[str], typer.Option(help="HF folder, .gguf file or hub id (default: the embedded "
-                                                      "model).")] = None,
+    model: ModelOption = None,
     batch_size: Annotated[int, typer.Option(help="Requests in the batch.")] = 1,
     input_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 32,
     output_len: Annotated[int, typer.Option(help="Output tokens per request.")] = 128,

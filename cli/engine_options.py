@@ -35,6 +35,8 @@ HELP = {
     "enforce_eager": "Run every step eagerly (no CUDA graphs for decode).",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
+                                                                           "(default: the embedded model).")]
 
 
 def option(name: str, annotation: Any) -> inspect.Parameter:

@@ -4,14 +4,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmserve.cli.engine_options import build_engine, engine_command
+from llmserve.cli.engine_options import ModelOption, build_engine, engine_command
 from llmserve.cli.main import app
 from llmserve.engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
 from llmserve.tokenizer import apply_chat_template, streamable_text
 
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
-                                                                           "(default: the embedded model).")]
 MaxTokens = Annotated[Optional[int], typer.Option(help="Most tokens to generate (default: up to the context).")]
 Temperature = Annotated[Optional[float], typer.Option(help="0 is greedy (default: the model's, else 1.0).")]
 TopP = Annotated[Optional[float], typer.Option(help="Nucleus sampling (default: the model's, else 1.0).")]
