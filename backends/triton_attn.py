@@ -13,6 +13,7 @@ keeps it a function of padded shapes only (CUDA graphs); spare slots and empty r
 triton is imported when the kernels are first needed, never on import: listing the backends must not import it.
 """
 import functools
+import itertools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -317,8 +318,10 @@ class TritonAttnBackend(AttentionBackend):
         host[:num_reqs + 1] = batch.query_start_loc
         host[num_reqs + 1:2 * num_reqs + 1] = batch.seq_lens
         table = host[2 * num_reqs + 1:].reshape(num_reqs, width)
-        if lengths.sum():
-            table[np.arange(width)[None, :] < lengths[:, None]] = np.concatenate(batch.block_tables)
+        total = int(lengths.sum())
+        if total:
+            table[np.arange(width)[None, :] < lengths[:, None]] = np.fromiter(
+                itertools.chain.from_iterable(batch.block_tables), dtype=np.int32, count=total)
         return host
 
     def build_metadata(self, batch: BatchLayout, width: int | None = None,

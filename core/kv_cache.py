@@ -49,6 +49,8 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after taking `cached_blocks`); False if full."""
         needed_tokens = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        if not cached_blocks and needed_tokens <= len(request.block_ids) * self.block_size:
+            return True  # the common decode step: its last block has room
         new_blocks = -(-needed_tokens // self.block_size) - len(request.block_ids) - len(cached_blocks)
         reusable = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)  # taking them removes them from `free`
         if new_blocks > len(self.free) - reusable:
