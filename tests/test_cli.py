@@ -1,7 +1,12 @@
-"""The `llm` command line: generate and chat on a local engine, help and argument errors."""
+"""The `llm` command line: generate, chat and the offline benchmarks on a local engine; help and argument errors."""
+import json
+from pathlib import Path
+
 from server_utils import run_cli
 
 from llmserve import SamplingParams
+
+SMOLLM2_CONFIG = Path(__file__).parent.parent / "benchmarks" / "models" / "SmolLM2-135M"
 
 
 def test_help_lists_commands_and_defaults():
@@ -38,3 +43,21 @@ def test_chat_on_a_local_engine():
                    stdin="What is the capital of France?\n\n")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_bench_throughput_and_latency(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n" + json.dumps({"prompt": "Once upon a time"}) + "\n")
+    result = tmp_path / "throughput.json"
+    done = run_cli("bench", "throughput", "--dataset", str(prompts), "--num-prompts", "4", "--output-len", "3:6",
+                   "--dtype", "float32", "--output-json", str(result))
+    assert done.returncode == 0, done.stderr
+    assert "Fraction of roofline" in done.stdout
+    numbers = json.loads(result.read_text())
+    assert numbers["num_requests"] == 4 and 12 <= numbers["output_tokens"] <= 24 and numbers["roofline_fraction"] > 0
+    done = run_cli("bench", "latency", "--model", str(SMOLLM2_CONFIG), "--load-format", "dummy",
+                   "--skip-tokenizer-init", "--dtype", "float32", "--batch-size", "2", "--input-len", "8",
+                   "--output-len", "4", "--num-iters", "1", "--max-model-len", "256")
+    assert done.returncode == 0, done.stderr
+    assert "Time per output token (ms)" in done.stdout and "Weight-read floor (ms)" in done.stdout
+    assert run_cli("bench", "throughput", "--input-len", "9:3").returncode == 2  # LO > HI
