@@ -329,7 +329,7 @@ class TritonAttnBackend(AttentionBackend):
         num_reqs = len(batch.query_lens)
         host = self.host_metadata(batch, width)
         width = (len(host) - 2 * num_reqs - 1) // num_reqs
-        device = torch.from_numpy(host).to(batch.device, non_blocking=True)
+        device = batch.to_device(host)
         max_query_len = int(batch.query_lens.max(initial=0))
         max_seq_len = max_seq_len or int(batch.seq_lens.max(initial=0))
         segments = self.num_segments(num_reqs, max_query_len, max_seq_len)
@@ -351,9 +351,9 @@ class TritonAttnBackend(AttentionBackend):
         host = self.host_metadata(batch)  # the table only as wide as this batch needs: columns past a request's
         num_reqs = len(batch.query_lens)  # last block are never read, so the graph's stale ones do no harm
         width = (len(host) - 2 * num_reqs - 1) // num_reqs
-        out.buffer[:2 * num_reqs + 1].copy_(torch.from_numpy(host[:2 * num_reqs + 1]), non_blocking=True)
-        out.block_table[:, :width].copy_(torch.from_numpy(host[2 * num_reqs + 1:].reshape(num_reqs, width)),
-                                         non_blocking=True)
+        uploaded = batch.to_device(host)
+        out.buffer[:2 * num_reqs + 1].copy_(uploaded[:2 * num_reqs + 1])
+        out.block_table[:, :width].copy_(uploaded[2 * num_reqs + 1:].view(num_reqs, width))
         out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
         return out
 

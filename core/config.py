@@ -29,6 +29,7 @@ class EngineConfig:
     generation_config: str = "auto"  # "auto": the model's generation_config.json defaults; "vllm": ours; or a folder
     device: str | None = None  # None: the detected platform's device
     enforce_eager: bool = False  # True: no CUDA graphs
+    async_scheduling: bool | None = None  # launch decode step N+1 before reading step N's tokens; None: on GPUs
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:

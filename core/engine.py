@@ -8,12 +8,12 @@ import torch
 from llmserve.config import EngineConfig
 from llmserve.kv_cache import KVCacheManager
 from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
-from llmserve.model_runner import ModelRunner, StepResult
+from llmserve.model_runner import Launched, ModelRunner, StepResult
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from llmserve.plugins.select import current_platform
 from llmserve.request import Request, Status
 from llmserve.sampling_params import SamplingParams
-from llmserve.scheduler import Scheduler
+from llmserve.scheduler import ScheduledBatch, Scheduler
 from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,10 @@ class LLMEngine:
         self.eos_token_ids = self.find_eos_token_ids()
         self.vocab_size = self.hf_config.vocab_size
         self.ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0}
+        self.inflight: Launched | None = None  # a launched continuation step, not yet read
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0}
         logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,
                     self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)
 
@@ -135,25 +138,27 @@ class LLMEngine:
                 self.scheduler.finish(child)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one batch; return the outputs of every request that advanced, or only of those that finished
         (which are then forgotten)."""
-        batch = self.scheduler.schedule()
-        if not batch.requests:
-            return []
-        result = self.runner.execute(batch)
-        self.stats["steps"] += 1
-        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(batch.requests))
-        for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            self.stats["prompt_tokens"] += max(0, min(count, request.num_prompt_tokens - request.num_computed_tokens))
+        current, self.inflight = self.inflight, None
+        try:
+            current = current or self.launch(self.scheduler.schedule())
+            if current is None:
+                return []
+            if self.async_scheduling:
+                self.inflight = self.launch_continuation(current)
+            result = self.runner.finish(current)
+        except BaseException:
+            self.inflight = None
+            raise
+        for i, request in enumerate(current.batch.requests):
             if i in result.prompt_logprobs:
                 self.record_prompt_logprobs(request, *result.prompt_logprobs[i])
-            request.num_computed_tokens += count
-            self.kv.cache_computed_blocks(request)
         self.process_samples(result)
-        touched = dict.fromkeys(r.group_id for r in batch.requests)
+        touched = dict.fromkeys(r.group_id for r in current.batch.requests)
         outputs = []
         for request_id in touched:
             group = self.groups.get(request_id)
@@ -164,12 +169,43 @@ class LLMEngine:
                 del self.groups[request_id]
         return outputs
 
+    def launch(self, batch: ScheduledBatch, input_ids: tuple | None = None) -> Launched | None:
+        """Queue the batch's GPU work and count its tokens as computed (their samples are read later)."""
+        if not batch.requests:
+            return None
+        launched = self.runner.launch(batch, input_ids)
+        self.stats["steps"] += 1
+        self.stats["async_steps"] += batch.continuation
+        self.stats["max_batch_size"] = max(self.stats["max_batch_size"], len(batch.requests))
+        for request, count in zip(batch.requests, batch.num_new_tokens):
+            self.stats["prompt_tokens"] += max(0, min(count, request.num_prompt_tokens - request.num_computed_tokens))
+            request.num_computed_tokens += count
+            self.kv.cache_computed_blocks(request)
+        return launched
+
+    def launch_continuation(self, current: Launched) -> Launched | None:
+        """While `current` (a decode step) runs, launch the next decode step of its requests, fed with its
+        sampled tokens on the device. Requests that `current` finishes by length are left out; one that it
+        finishes otherwise (EOS, a stop) computes one token that is dropped when it arrives."""
+        batch = current.batch
+        if (self.scheduler.waiting or max(batch.num_new_tokens) != 1 or len(current.sampled) != len(batch.requests)
+                or any(r.params.uses_penalties or r.num_output_tokens < r.params.min_tokens for r in batch.requests)):
+            return None  # penalties and min_tokens need the token still in flight; new requests get scheduled
+        rows = [i for i, r in enumerate(batch.requests) if not r.finished and r.num_tokens + 1 < r.max_len]
+        if not rows or not all(self.kv.allocate(batch.requests[i], 1) for i in rows):
+            return None
+        continuation = ScheduledBatch([batch.requests[i] for i in rows], [1] * len(rows), continuation=True)
+        tokens = current.sampler_output.token_ids
+        return self.launch(continuation, (tokens, rows if len(rows) < len(batch.requests) else None))
+
     def process_samples(self, result: StepResult) -> None:
         if not result.sampled:
             return
         out = result.sampler_output
         for row, request in enumerate(result.sampled):
-            token = out.token_ids[row]
+            if request.finished:
+                continue  # finished (or aborted) after this step was launched: its token is dropped
+            token = out.token_ids_host[row]
             request.token_ids.append(token)
             self.stats["generation_tokens"] += 1
             request.cumulative_logprob += out.logprobs[row]

@@ -3,6 +3,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,6 +23,14 @@ class BatchLayout:
     slot_mapping: torch.Tensor  # [T] int64, on the device
     block_size: int
     device: torch.device
+    upload: Callable[[np.ndarray], torch.Tensor] | None = None  # host array -> device tensor, without a sync
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A copy of `array` on the device; through pinned memory when the runner offers it, so that it does
+        not wait for the GPU work already queued."""
+        if self.upload is not None:
+            return self.upload(array)
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     @property
     def seq_lens(self) -> np.ndarray:

@@ -75,7 +75,7 @@ class KVCacheManager:
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Publish the request's full, computed blocks to the prefix cache."""
-        full = request.num_computed_tokens // self.block_size
+        full = min(request.num_computed_tokens, request.num_tokens) // self.block_size  # never a token not yet sampled
         if not self.enable_prefix_caching or full <= request.num_published_blocks:
             return
         self.hash_full_blocks(request)

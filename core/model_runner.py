@@ -17,6 +17,40 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Launched:
+    """A step whose GPU work is queued; its sampled tokens are read by ModelRunner.finish."""
+
+    batch: ScheduledBatch
+    sampled: list[Request]
+    sampler_output: SamplerOutput | None
+    prompt_logprobs: dict
+
+
+class PinnedUploads:
+    """Host arrays to the device through two pinned buffers used in turn, one per step: a copy never waits for
+    the GPU work queued before it (a pageable copy would), and a buffer is rewritten only two steps later,
+    after the step that read it has been waited for."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.device, self.turn, self.offset = device, 0, 0
+
+    def next_step(self) -> None:
+        self.turn, self.offset = self.turn ^ 1, 0
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        start = -(-self.offset // 16) * 16
+        buffer = self.buffers[self.turn]
+        if start + array.nbytes > buffer.numel():
+            return torch.from_numpy(array).to(self.device)
+        self.offset = start + array.nbytes
+        staged = buffer[start:self.offset]
+        staged.numpy()[:] = array.reshape(-1).view(np.uint8)
+        return staged.view(torch.from_numpy(array[:0]).dtype).view(array.shape).to(self.device, non_blocking=True)
+
+
+@dataclass
 class StepResult:
     sampled: list[Request]  # requests that caught up with their tokens and got a new one
     sampler_output: SamplerOutput | None
@@ -41,8 +75,7 @@ class ModelRunner:
         self.spec = self.model.attention_spec(config.block_size)
         self.backend = select_attention_backend(config.attention_backend, self.spec, platform)(self.spec, self.device)
         platform.prepare_model(self.model)
-        self.host_buffer = torch.empty(3 * config.max_num_batched_tokens + 3 * 1024, dtype=torch.int64,
-                                       pin_memory=self.device.type == "cuda")
+        self.uploads = PinnedUploads(64 << 20, self.device) if self.device.type == "cuda" else None
         self.graphs = None
         if self.device.type == "cuda" and not config.kv_cache_memory_bytes:
             self.profile_peak_memory()
@@ -138,6 +171,8 @@ class ModelRunner:
         tables = [r.block_ids for r in batch.requests]
         positions = np.concatenate([np.arange(c, c + n) for c, n in zip(num_computed, query_lens)])
         input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
+        if batch.continuation:  # the tokens are still on the device: the caller copies them in
+            input_ids = np.zeros(len(tables), dtype=np.int64)
         if len(positions) == len(tables):  # all decode: one slot each, no arrays per request
             slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
         else:
@@ -151,25 +186,41 @@ class ModelRunner:
             input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
             slots = np.pad(slots, (0, extra), constant_values=-1)
         tokens = len(input_ids)
-        host = self.host_buffer[:3 * tokens].numpy()
-        host[:tokens], host[tokens:2 * tokens], host[2 * tokens:] = input_ids, positions, slots
-        device = self.host_buffer[:3 * tokens].to(self.device, non_blocking=True)
-        layout = BatchLayout(query_lens, num_computed, tables, device[2 * tokens:], bs, self.device)
+        layout = BatchLayout(query_lens, num_computed, tables, None, bs, self.device, self.uploads)
+        device = layout.to_device(np.concatenate([input_ids.astype(np.int64), positions, slots]))
+        layout.slot_mapping = device[2 * tokens:]
         return layout, device[:tokens], device[tokens:2 * tokens]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def launch(self, batch: ScheduledBatch, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> Launched:
+        """Queue the step's GPU work (inputs, model, sampling) without waiting for it. `input_ids`: for a
+        continuation, the previous step's sampled tokens on the device, and which of its rows to take (None: all)."""
+        if self.uploads is not None:
+            self.uploads.next_step()
         graph_size = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
-        layout, input_ids, positions = self.prepare(batch, graph_size)
+        layout, ids, positions = self.prepare(batch, graph_size)
+        if input_ids is not None:
+            tokens, rows = input_ids
+            ids[:len(batch.requests)].copy_(tokens if rows is None else tokens[layout.to_device(np.array(rows))])
         if graph_size is not None:
-            hidden = self.graphs.run(layout, input_ids, positions)
+            hidden = self.graphs.run(layout, ids, positions)
         else:
-            hidden = self.model(input_ids, positions, self.backend.build_metadata(layout))
-        ends = layout.query_start_loc[1:] - 1
-        rows = [i for i, r in enumerate(batch.requests) if r.num_computed_tokens + batch.num_new_tokens[i] == r.num_tokens]
+            hidden = self.model(ids, positions, self.backend.build_metadata(layout))
+        rows = [i for i, r in enumerate(batch.requests)
+                if batch.continuation or r.num_computed_tokens + batch.num_new_tokens[i] == r.num_tokens]
         sampled = [batch.requests[i] for i in rows]
-        output = sample(self.model.compute_logits(hidden[ends[rows]]), sampled) if rows else None
-        return StepResult(sampled, output, self.prompt_logprobs(batch, layout, hidden))
+        output = None
+        if rows:
+            one_each = len(rows) == len(batch.requests) and max(batch.num_new_tokens) == 1
+            ends = layout.query_start_loc[1:] - 1  # a decode batch's last tokens are its first rows: no index to upload
+            last = hidden[:len(rows)] if one_each else hidden[layout.to_device(ends[rows])]
+            output = sample(self.model.compute_logits(last), sampled)
+        return Launched(batch, sampled, output, self.prompt_logprobs(batch, layout, hidden))
+
+    def finish(self, launched: Launched) -> StepResult:
+        """Wait for a launched step's samples and bring them to the host."""
+        output = launched.sampler_output.to_host() if launched.sampler_output is not None else None
+        return StepResult(launched.sampled, output, launched.prompt_logprobs)
 
     def prompt_logprobs(self, batch: ScheduledBatch, layout: BatchLayout, hidden: torch.Tensor) -> dict:
         """Logprobs of each prompt token given the ones before it, for requests that ask for them."""

@@ -8,11 +8,30 @@ from llmserve.request import Request
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float]  # of each sampled token, under the model's raw distribution
+    token_ids: torch.Tensor  # [B] on the device (token_ids_host is the same, copied to the host)
+    logprobs: list[float] | torch.Tensor  # of each sampled token, under the model's raw distribution
     top_ids: torch.Tensor | None  # [B, k] most likely tokens, when any request asked for logprobs
     top_logprobs: torch.Tensor | None
-    sampled_ranks: list[int] | None  # rank of each sampled token (1 = most likely)
+    sampled_ranks: list[int] | torch.Tensor | None  # rank of each sampled token (1 = most likely)
+    token_ids_host: list[int] | torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded after the copies to the host were queued
+
+    def start_host_copy(self) -> None:
+        """Queue the copies to (pinned) host memory now, so that reading them later waits for this step only."""
+        to_host = lambda t: t.to("cpu", non_blocking=True) if t is not None else None
+        self.token_ids_host, self.logprobs = to_host(self.token_ids), to_host(self.logprobs)
+        self.top_ids, self.top_logprobs = to_host(self.top_ids), to_host(self.top_logprobs)
+        self.sampled_ranks = to_host(self.sampled_ranks)
+        if self.token_ids.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def to_host(self) -> "SamplerOutput":
+        if self.ready is not None:
+            self.ready.synchronize()
+        ranks = self.sampled_ranks.tolist() if self.sampled_ranks is not None else None
+        return SamplerOutput(self.token_ids, self.logprobs.tolist(), self.top_ids, self.top_logprobs, ranks,
+                             self.token_ids_host.tolist())
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
@@ -33,8 +52,10 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     top_ids = top_logprobs = ranks = None
     if want_logprobs:
         top_logprobs, top_ids = raw_logprobs.topk(max(want, 1), dim=-1)
-        ranks = ((raw_logprobs > sampled_logprobs[:, None]).sum(-1) + 1).tolist()
-    return SamplerOutput(token_ids.tolist(), sampled_logprobs.tolist(), top_ids, top_logprobs, ranks)
+        ranks = (raw_logprobs > sampled_logprobs[:, None]).sum(-1) + 1
+    output = SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs, ranks)
+    output.start_host_copy()
+    return output
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

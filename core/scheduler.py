@@ -17,6 +17,7 @@ class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]
     num_preempted: int = 0
+    continuation: bool = False  # one more decode token for each request of the step still running (async scheduling)
 
     @property
     def total_tokens(self) -> int:

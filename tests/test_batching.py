@@ -44,3 +44,22 @@ def test_prefix_cache_hits_and_same_tokens(llm):
     uncached = LLM(dtype="float32", enable_prefix_caching=False).generate(prompts, greedy(8), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in second] == [o.outputs[0].token_ids for o in uncached]
     assert first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
+
+
+def test_async_scheduling_gives_same_outputs(llm):
+    """Decode steps launched before the previous step's tokens are read (on by default on GPUs; forced here):
+    the same tokens, texts, logprobs and finish reasons, with EOS, stop strings, lengths and seeds, and no leak."""
+    from llmserve import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=m, logprobs=2 if i % 3 == 0 else None,
+                             stop=["\n"] if i % 4 == 1 else None) for i, m in enumerate(MAX_TOKENS)]
+    params[2] = SamplingParams(temperature=0.8, seed=7, max_tokens=20, n=2)
+    pipelined = LLM(dtype="float32", async_scheduling=True)
+    for ours, theirs in zip(pipelined.generate(PROMPTS, params, use_tqdm=False),
+                            llm.generate(PROMPTS, params, use_tqdm=False)):
+        for a, b in zip(ours.outputs, theirs.outputs):
+            assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                              b.stop_reason)
+            assert a.cumulative_logprob == b.cumulative_logprob
+    assert pipelined.engine.stats["async_steps"] > 10
+    assert pipelined.engine.kv.num_used_blocks == 0 and not pipelined.engine.has_unfinished_requests()

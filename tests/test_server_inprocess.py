@@ -75,13 +75,13 @@ def test_chat_without_a_template_is_a_400_and_a_template_file_works(served, tmp_
 def test_engine_fault_is_a_500_and_the_server_goes_on(served):
     engine, client = served
     runner = engine.engine.runner
-    real_execute = runner.execute
+    real_launch = runner.launch
 
-    def fail_once(batch):
-        runner.execute = real_execute
+    def fail_once(*args):
+        runner.launch = real_launch
         raise RuntimeError("injected fault")
 
-    runner.execute = fail_once
+    runner.launch = fail_once
     with pytest.raises(openai.InternalServerError, match="injected fault"):
         complete(client, max_tokens=4)
     assert engine.alive and engine.engine.kv.num_used_blocks == 0
