@@ -33,6 +33,7 @@ HELP = {
     "kv_cache_memory_bytes": "Bytes for the KV cache (default: 4 GiB on the CPU, the free GPU memory on a GPU).",
     "gpu_memory_utilization": "Fraction of GPU memory the engine may use.",
     "enforce_eager": "Run every step eagerly (no CUDA graphs for decode).",
+    "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
@@ -49,7 +50,7 @@ ENGINE_PARAMETERS = [
     option("max_num_seqs", int), option("max_num_batched_tokens", int), option("block_size", int),
     option("enable_prefix_caching", bool), option("load_format", str), option("seed", int),
     option("chat_template", Optional[str]), option("generation_config", str), option("tokenizer", Optional[str]),
-    option("skip_tokenizer_init", bool), option("enforce_eager", bool),
+    option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
 ]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
