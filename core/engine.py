@@ -11,7 +11,7 @@ from llmserve.loader import find_model, load_generation_defaults, load_hf_config
 from llmserve.model_runner import Launched, ModelRunner, StepResult
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from llmserve.plugins.select import current_platform
-from llmserve.request import Request, Status
+from llmserve.request import Request
 from llmserve.sampling_params import SamplingParams
 from llmserve.scheduler import ScheduledBatch, Scheduler
 from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template
