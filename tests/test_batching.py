@@ -63,3 +63,21 @@ def test_async_scheduling_gives_same_outputs(llm):
             assert a.cumulative_logprob == b.cumulative_logprob
     assert pipelined.engine.stats["async_steps"] > 10
     assert pipelined.engine.kv.num_used_blocks == 0 and not pipelined.engine.has_unfinished_requests()
+
+
+def test_abort_during_async_continuation_frees_blocks():
+    from llmserve import SamplingParams
+
+    llm = LLM(dtype="float32", async_scheduling=True)
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while engine.stats["async_steps"] < 3:
+        engine.step()
+    assert engine.inflight is not None  # a continuation is running while its parent step's tokens are read
+    engine.abort("1")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["0", "2"] and all(len(o.outputs[0].token_ids) == 40 for o in done.values())
+    assert engine.kv.num_used_blocks == 0 and not engine.scheduler.running
