@@ -82,7 +82,7 @@ class TorchSdpaBackend(AttentionBackend):
             for i, row in enumerate(rows):
                 blocks = batch.block_tables[row][:max_blocks]
                 table[i, :len(blocks)] = blocks
-            to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(batch.device)
+            to = lambda a: batch.to_device(np.ascontiguousarray(a))
             groups.append(SdpaGroup(to(query_index.ravel()), to(np.flatnonzero(valid)), to(table), to(table.ravel()),
                                     to(positions), to(query_index[valid])))
         return SdpaMetadata(batch.slot_mapping, groups)

@@ -25,14 +25,19 @@ class RequestResult:
 
 
 def load_prompts(dataset: str | None, num_prompts: int, input_len: int, vocab_size: int, rng: random.Random) -> list:
-    """Prompts from a file (one per line, or JSON lines with a "prompt" field), else random token ids."""
+    """Prompts from a file, else random token ids."""
     if dataset is None:
         return [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
-    with open(dataset, encoding="utf-8") as f:
+    return read_prompt_file(dataset, num_prompts)
+
+
+def read_prompt_file(path: str, num_prompts: int) -> list[str]:
+    """num_prompts prompts from a file of one per line, or JSON lines with a "prompt" field (repeated as needed)."""
+    with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     prompts = [json.loads(line)["prompt"] if line.lstrip().startswith("{") else line for line in lines]
     if not prompts:
-        raise typer.BadParameter(f"{dataset} holds no prompts", param_hint="--dataset")
+        raise typer.BadParameter(f"{path} holds no prompts", param_hint="--dataset")
     return [prompts[i % len(prompts)] for i in range(num_prompts)]
 
 

@@ -45,10 +45,9 @@ def make_workload(engine: LLMEngine, num_prompts: int, input_len: str, output_le
     out_low, out_high = parse_lengths(output_len, "--output-len")
     output_lens = [rng.randint(out_low, out_high) for _ in range(num_prompts)]
     if dataset:
-        with open(dataset, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        texts = [json.loads(line)["prompt"] if line.lstrip().startswith("{") else line for line in lines]
-        return Workload([engine.tokenize(texts[i % len(texts)]) for i in range(num_prompts)], output_lens)
+        from llmserve.cli.bench import read_prompt_file  # here: cli.bench and this module load through cli.main
+
+        return Workload([engine.tokenize(text) for text in read_prompt_file(dataset, num_prompts)], output_lens)
     in_low, in_high = parse_lengths(input_len, "--input-len")
     vocab = engine.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(in_low, in_high))] for _ in range(num_prompts)]

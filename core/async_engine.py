@@ -80,19 +80,13 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        return self.engine.tokenize(prompt)
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_token_ids, params)
-
     def add_requests(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
                      prompt_token_ids: list[list[int]]) -> RequestStream:
         """Queue one request per prompt (all validated first: a ValueError queues nothing); return their stream."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         for token_ids in prompt_token_ids:
-            self.validate(token_ids, params)
+            self.engine.validate(token_ids, params)
         request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         stream = RequestStream(self, request_ids)
         for child_id, prompt, token_ids in zip(request_ids, prompts, prompt_token_ids):

@@ -170,9 +170,10 @@ class ModelRunner:
         num_computed = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)
         tables = [r.block_ids for r in batch.requests]
         positions = np.concatenate([np.arange(c, c + n) for c, n in zip(num_computed, query_lens)])
-        input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
         if batch.continuation:  # the tokens are still on the device: the caller copies them in
             input_ids = np.zeros(len(tables), dtype=np.int64)
+        else:
+            input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
         if len(positions) == len(tables):  # all decode: one slot each, no arrays per request
             slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
         else:
