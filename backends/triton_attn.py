@@ -134,7 +134,10 @@ def kernels() -> SimpleNamespace:
                                             MASKED, SLIDING, PRECISION, INTERPRET)
         return acc, l_i, m_i
 
-    @triton.jit
+    # The batch's size and where its metadata starts in the upload buffer vary every step: no compiled variant
+    # per value (Triton would specialise them on == 1, on divisibility by 16 and on 16-byte alignment).
+    @triton.jit(do_not_specialize=["num_reqs", "stride_table"],
+                do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr"])
     def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr,
                   num_reqs, qk_scale, window, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,

@@ -42,6 +42,15 @@ class DecodeGraphs:
                            slots, self.block_size, self.device)
 
     @torch.inference_mode()
+    def run_each_size(self) -> None:
+        """One eager decode step of padding rows at each size, at the longest context: compiles every kernel
+        variant a decode step can need (without graphs, the KV split varies with the batch)."""
+        for size in self.sizes:
+            self.model(self.input_ids[:size], self.positions[:size],
+                       self.backend.build_graph_metadata(self.dummy_layout(size), self.max_blocks))
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
     def capture(self) -> None:
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool

@@ -44,7 +44,7 @@ class LLMEngine:
         self.platform = current_platform()
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.max_model_len = self.resolve_max_model_len()
-        self.runner.capture_cuda_graphs(self.max_model_len)
+        self.runner.prepare_decode(self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}

@@ -154,14 +154,20 @@ class ModelRunner:
                     num_blocks * bytes_per_block / 2**30)
         return num_blocks
 
-    def capture_cuda_graphs(self, max_model_len: int) -> None:
-        if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
+    def prepare_decode(self, max_model_len: int) -> None:
+        """Capture the decode CUDA graphs, or with enforce_eager run each decode shape once: either way the kernels
+        compile now, not during the first steps."""
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             return
         from llmserve.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
-                                   self.config.block_size, self.device)
-        self.graphs.capture()
+        graphs = DecodeGraphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
+                              self.config.block_size, self.device)
+        if self.config.enforce_eager:
+            graphs.run_each_size()
+        else:
+            graphs.capture()
+            self.graphs = graphs
 
     def prepare(self, batch: ScheduledBatch, pad_to: int | None) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         """The flat batch, uploaded in one copy; padded with decode rows up to `pad_to` requests for a CUDA graph."""

@@ -1,10 +1,10 @@
 """The Llama family (Llama 2/3/3.1, SmolLM2, ...) on the engine's flat token batch."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, rope_parameters
+from llmserve.models.layers import (Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, rope_parameters,
+                                    silu_and_mul)
 from llmserve.plugins import hookimpl
 
 # checkpoint projection name -> (our merged parameter, shard index)
@@ -13,6 +13,8 @@ STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
 
 
 class LlamaAttention(nn.Module):
+    qk_norms: tuple | None = None  # RMSNorms over each head of q and of k before rotary (Qwen3)
+
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -27,13 +29,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q, k = RotaryEmbedding.forward(rope, *self.heads(q, k))
-        return self.o_proj(self.attn(q, k, v.contiguous(), attn_metadata))
-
-    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k split into heads, [T, heads, head_dim], before rotary (where Qwen3 normalises each head)."""
-        tokens = q.shape[0]
-        return q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim)
+        tokens = x.shape[0]
+        q, k = RotaryEmbedding.forward(rope, q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim),
+                                       self.qk_norms)
+        return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
 class LlamaMLP(nn.Module):
@@ -44,8 +43,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,6 +1,4 @@
 """Qwen3: the Llama layout with an RMSNorm over each head of q and k before rotary."""
-import torch
-
 from llmserve.models.layers import RMSNorm
 from llmserve.models.llama import LlamaAttention, LlamaForCausalLM
 from llmserve.plugins import hookimpl
@@ -21,11 +19,8 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, layer_index)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norms = (self.q_norm, self.k_norm)
         self.attn.sliding_window = layer_sliding_window(config, layer_index)
-
-    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k = super().heads(q, k)
-        return self.q_norm(q), self.k_norm(k)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

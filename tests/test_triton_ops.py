@@ -1,4 +1,5 @@
-"""The fused RMSNorm and rotary kernels against the layers' torch code, on fresh random inputs.
+"""The fused RMSNorm, rotary (with per-head norms) and SiLU-and-multiply kernels against the layers' torch code,
+on fresh random inputs.
 
 Without CUDA they run in Triton's interpreter; with CUDA, compiled."""
 import os
@@ -12,7 +13,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from llmserve.models.layers import RMSNorm, triton_ops  # noqa: E402
-from llmserve.models.layers.rotary import RotaryEmbedding, rotate  # noqa: E402
+from llmserve.models.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -38,13 +39,43 @@ def test_rms_norm_matches_torch(dtype, rows, size, offset):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens, heads, head_dim", [(5, 3, 64), (2, 8, 128)])
-def test_rotary_matches_torch_on_strided_views(dtype, tokens, heads, head_dim):
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim, norms", [(5, 3, 1, 64, False), (2, 8, 2, 128, False),
+                                                                      (6, 4, 2, 128, True), (3, 16, 8, 64, True)])
+def test_qk_rotary_matches_torch_on_strided_views(dtype, tokens, heads, kv_heads, head_dim, norms):
     rope = RotaryEmbedding(head_dim, 256, {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)
-    qkv = torch.randn(tokens, (2 * heads + 1) * head_dim, device=DEVICE, dtype=dtype)
-    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)  # a strided view, as the models pass it
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)  # strided views, as the models pass them
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
     positions = torch.randint(0, 256, (tokens,), device=DEVICE)
-    cos, sin = rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1)
-    expected = rotate(q.float(), cos.float(), sin.float())
-    triton_ops.rotary_(q, rope.cos, rope.sin, positions)
-    torch.testing.assert_close(q.float(), expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 10)
+    norm_pair = None
+    if norms:
+        norm_pair = tuple(RMSNorm(head_dim, 1e-6).to(DEVICE, dtype) for _ in range(2))
+        for norm in norm_pair:
+            torch.nn.init.normal_(norm.weight)
+    # The torch code, in fp32 on the CPU
+    reference_norms = tuple(_float_copy(n) for n in norm_pair) if norms else None
+    cos_sin = (rope.cos.cpu()[positions.cpu()].unsqueeze(1), rope.sin.cpu()[positions.cpu()].unsqueeze(1), None)
+    expected_q, expected_k = RotaryEmbedding.forward(cos_sin, q.cpu().float(), k.cpu().float(), reference_norms)
+    triton_ops.qk_rotary_(q, k, rope.cos, rope.sin, positions, norm_pair)
+    tolerance = TOLERANCE[dtype] * 10
+    torch.testing.assert_close(q.cpu().float(), expected_q, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(k.cpu().float(), expected_k, atol=tolerance, rtol=tolerance)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v, beside k, is untouched
+
+
+def _float_copy(norm: RMSNorm) -> RMSNorm:
+    copy = RMSNorm(norm.weight.shape[0], norm.eps)
+    copy.weight.data = norm.weight.detach().float().cpu()
+    return copy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, size", [(3, 64), (2, 1500)])
+def test_silu_and_mul_matches_torch(dtype, tokens, size):
+    x = torch.randn(tokens, 2 * size, device=DEVICE, dtype=dtype)
+    gate, up = x.cpu().float().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = triton_ops.silu_and_mul(x)
+    tolerance = TOLERANCE[dtype] * 10
+    torch.testing.assert_close(out.cpu().float(), expected, atol=tolerance, rtol=tolerance)

@@ -49,11 +49,15 @@ class RotaryEmbedding(nn.Module):
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1), None
 
     @staticmethod
-    def forward(cos_sin: tuple, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin() (in place on a GPU)."""
+    def forward(cos_sin: tuple, q: torch.Tensor, k: torch.Tensor, norms: tuple | None = None):
+        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin() (in place on a GPU);
+        `norms`: an RMSNorm for q's heads and one for k's, applied to each head first (Qwen3)."""
         cos, sin, positions = cos_sin
         if positions is not None:
-            return triton_ops.rotary_(q, cos, sin, positions), triton_ops.rotary_(k, cos, sin, positions)
+            triton_ops.qk_rotary_(q, k, cos, sin, positions, norms)
+            return q, k
+        if norms:
+            q, k = norms[0](q), norms[1](k)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
 

@@ -1,7 +1,8 @@
 """Fused GPU kernels for the layers' elementwise work: one launch where torch makes eight or more.
 
-RMSNorm (with the residual add) and rotary embedding are memory-light but made of many small torch
-ops; in a decode step those launches cost more than the math. triton is imported on first use.
+RMSNorm (with the residual add), rotary embedding (of q and k together, with Qwen3's per-head norms) and
+SiLU-and-multiply are memory-light but made of many small torch ops; in a decode step those launches cost more
+than the math. triton is imported on first use.
 """
 import functools
 import importlib.util
@@ -22,6 +23,9 @@ def fused(x: torch.Tensor) -> bool:
 
 @functools.cache
 def kernels() -> SimpleNamespace:
+    # Triton's interpreter runs a kernel's source against its module's globals: the names the kernels use must be
+    # module globals.
+    global tl, rotate_heads
     import triton
     import triton.language as tl
 
@@ -40,22 +44,49 @@ def kernels() -> SimpleNamespace:
         tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def rotary(x_ptr, cos_ptr, sin_ptr, positions_ptr, stride_t, stride_h, heads, HALF: tl.constexpr,
-               HEADS_P2: tl.constexpr):
-        token = tl.program_id(0)
-        position = tl.load(positions_ptr + token)
+    def rotate_heads(base, heads, stride_h, cos, sin, weight_ptr, eps, NORM: tl.constexpr, HALF: tl.constexpr,
+                     HEADS_P2: tl.constexpr):
+        """Rotate one token's heads in place (RMS-normalising each head first when NORM)."""
         h = tl.arange(0, HEADS_P2)[:, None]
         d = tl.arange(0, HALF)[None, :]
         mask = h < heads
+        first = base + h * stride_h + d
+        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            scale = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+            x1 = x1 * scale * tl.load(weight_ptr + d).to(tl.float32)
+            x2 = x2 * scale * tl.load(weight_ptr + HALF + d).to(tl.float32)
+        tl.store(first, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
+        tl.store(first + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+
+    # positions may start anywhere in the step's upload buffer: no variant per alignment
+    @triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
+    def qk_rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, stride_qt, stride_qh,
+                  stride_kt, stride_kh, q_heads, k_heads, eps, NORM: tl.constexpr, HALF: tl.constexpr,
+                  Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        position = tl.load(positions_ptr + token)
+        d = tl.arange(0, HALF)[None, :]
         cos = tl.load(cos_ptr + position * HALF + d)
         sin = tl.load(sin_ptr + position * HALF + d)
-        first = x_ptr + token * stride_t + h * stride_h + d
-        x1 = tl.load(first, mask=mask).to(tl.float32)
-        x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
-        tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(first + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+        rotate_heads(q_ptr + token * stride_qt, q_heads, stride_qh, cos, sin, q_weight_ptr, eps, NORM, HALF,
+                     Q_HEADS_P2)
+        rotate_heads(k_ptr + token * stride_kt, k_heads, stride_kh, cos, sin, k_weight_ptr, eps, NORM, HALF,
+                     K_HEADS_P2)
 
-    return SimpleNamespace(rms_norm=rms_norm, rotary=rotary, next_pow2=triton.next_power_of_2)
+    @triton.jit
+    def silu_and_mul(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < size
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + size + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (gate / (1 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    return SimpleNamespace(rms_norm=rms_norm, qk_rotary=qk_rotary, silu_and_mul=silu_and_mul,
+                           next_pow2=triton.next_power_of_2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
@@ -72,10 +103,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
     return out.view(x.shape)
 
 
-def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] in place by the tables cos/sin [max_positions, head_dim / 2] at positions [T]."""
-    tokens, heads, head_dim = x.shape
-    k = kernels()
-    k.rotary[(tokens,)](x, cos, sin, positions, x.stride(0), x.stride(1), heads, HALF=head_dim // 2,
-                        HEADS_P2=k.next_pow2(heads))
-    return x
+def qk_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               norms: tuple | None = None) -> None:
+    """Rotate q [T, heads, head_dim] and k [T, kv_heads, head_dim] in place, in one launch, by the tables cos/sin
+    [max_positions, head_dim / 2] at positions [T]; with `norms` (two RMSNorms), each head is normalised first."""
+    tokens, q_heads, head_dim = q.shape
+    q_weight, k_weight = (norms[0].weight, norms[1].weight) if norms else (q, k)
+    eps = norms[0].eps if norms else 0.0
+    kern = kernels()
+    kern.qk_rotary[(tokens,)](q, k, cos, sin, positions, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0),
+                              k.stride(1), q_heads, k.shape[1], eps, NORM=norms is not None, HALF=head_dim // 2,
+                              Q_HEADS_P2=kern.next_pow2(q_heads), K_HEADS_P2=kern.next_pow2(k.shape[1]))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x [T, 2 * size] = [gate | up]."""
+    tokens, size = x.shape[0], x.shape[1] // 2
+    out = torch.empty((tokens, size), dtype=x.dtype, device=x.device)
+    block = 1024
+    kernels().silu_and_mul[(tokens, -(-size // block))](x, out, x.stride(0), out.stride(0), size, BLOCK=block)
+    return out
