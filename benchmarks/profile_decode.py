@@ -25,10 +25,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=800)
     parser.add_argument("--attention-backend", default="TRITON_ATTN")
+    parser.add_argument("--max-num-seqs", type=int, help="the engine's batch limit (default: --requests)")
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                                    max_num_batched_tokens=8192, max_num_seqs=args.requests,
+                                    max_num_batched_tokens=8192, max_num_seqs=args.max_num_seqs or args.requests,
                                     attention_backend=args.attention_backend, enforce_eager=args.enforce_eager))
     rng = random.Random(0)
     for i in range(args.requests):
@@ -57,7 +58,7 @@ def main() -> None:
         engine.step(finished_only=True)
     host.disable()
     pstats.Stats(host).sort_stats("tottime").print_stats(15)
-    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     print(f"decode step, {args.requests} requests at ~{args.prompt_len + 30} tokens of context: wall {wall_ms:.2f} ms, "
           f"GPU kernels {gpu_ms:.2f} ms, GPU idle {wall_ms - gpu_ms:.2f} ms")
 

@@ -104,7 +104,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, layer: "AttentionLayer", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
-        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]; writes k/v to the cache."""
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]; writes k/v to the cache.
+
+        q, k and v may be views into one projection output: only their last dimension is contiguous."""
 
 
 class AttentionLayer(Protocol):
