@@ -71,7 +71,7 @@ async def send(client, model: str, prompt, output_len: int) -> RequestResult:
             now = time.perf_counter()
             if chunk.usage:
                 result.output_tokens, result.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
-            if chunk.choices and chunk.choices[0].text:
+            if chunk.choices:  # the server sends a choice chunk when tokens arrive, with or without text
                 if result.ttft == 0.0:
                     result.ttft = now - start
                 else:

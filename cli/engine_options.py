@@ -20,7 +20,8 @@ HELP = {
     "dtype": "auto, float32, bfloat16 or float16 (auto: the model's, float32 on the CPU).",
     "max_model_len": "Context length (prompt + output); default: the model's.",
     "max_num_seqs": "Most requests in one batch.",
-    "max_num_batched_tokens": "Most tokens in one batch (the chunked-prefill budget).",
+    "max_num_batched_tokens": "Most tokens in one batch (the chunked-prefill budget); default: 2048 on the CPU, "
+                              "8192 on GPUs.",
     "block_size": "Tokens per KV-cache block.",
     "enable_prefix_caching": "Reuse the KV cache of shared prompt prefixes.",
     "load_format": "auto, safetensors, gguf or dummy (random weights).",
@@ -47,7 +48,7 @@ def option(name: str, annotation: Any) -> inspect.Parameter:
 
 ENGINE_PARAMETERS = [
     option("attention_backend", Optional[str]), option("dtype", str), option("max_model_len", Optional[int]),
-    option("max_num_seqs", int), option("max_num_batched_tokens", int), option("block_size", int),
+    option("max_num_seqs", int), option("max_num_batched_tokens", Optional[int]), option("block_size", int),
     option("enable_prefix_caching", bool), option("load_format", str), option("seed", int),
     option("chat_template", Optional[str]), option("generation_config", str), option("tokenizer", Optional[str]),
     option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),

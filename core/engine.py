@@ -1,4 +1,5 @@
 """LLMEngine: requests in, one scheduled and executed batch per step, outputs out."""
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class RequestGroup:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        self.platform = current_platform()
+        if config.max_num_batched_tokens is None:
+            config = dataclasses.replace(config, max_num_batched_tokens=self.platform.max_num_batched_tokens)
         self.config = config
         self.model_path = find_model(config.model)
         self.hf_config = load_hf_config(self.model_path)
@@ -41,7 +45,6 @@ class LLMEngine:
             find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        self.platform = current_platform()
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.max_model_len = self.resolve_max_model_len()
         self.runner.prepare_decode(self.max_model_len)

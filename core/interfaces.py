@@ -119,6 +119,7 @@ class Platform(ABC):
     name: ClassVar[str]
     device_type: ClassVar[str]
     attention_backends: ClassVar[tuple[str, ...]]  # preference order
+    max_num_batched_tokens: ClassVar[int] = 2048  # the default token budget of a step
 
     @classmethod
     @abstractmethod

@@ -43,6 +43,7 @@ class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
     attention_backends = ("FLASHINFER", "TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA")
+    max_num_batched_tokens = 8192  # prefill chunks large enough to keep a GPU's matmuls busy
 
     @classmethod
     def is_current(cls) -> bool:
