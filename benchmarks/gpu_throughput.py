@@ -65,8 +65,9 @@ def run_hf(args: argparse.Namespace) -> dict | None:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The workload and engine options of the GPU benchmark scripts (the nano-vllm workload by default)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="benchmarks/models/Qwen3-0.6B")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", default="100:1024")
@@ -74,6 +75,11 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--attention-backend", default="TRITON_ATTN")
+    return parser
+
+
+def main() -> None:
+    parser = workload_parser(__doc__)
     parser.add_argument("--hf-num-prompts", type=int, default=64)
     parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument("--json", help="write the full results here")

@@ -8,7 +8,6 @@ step, once under torch.profiler. The first table groups the steps: prefill steps
 steps by how many requests run, with the KV cache each step reads at the measured bandwidth as its floor. The
 second sums the GPU kernels of the whole run by kind; wall minus kernel time is GPU idle (host-bound).
 """
-import argparse
 import json
 import time
 from collections import defaultdict
@@ -20,6 +19,8 @@ from llmserve.cli.bench_offline import kv_bytes_per_token, make_workload, memory
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
+
+from gpu_throughput import workload_parser  # noqa: I001 (this script's folder is on sys.path)
 
 KINDS = [("attention", ("attention",)), ("attention reduce", ("reduce_segments",)), ("KV write", ("write_kv",)),
          ("GEMM", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "splitk", "splitK")),
@@ -82,14 +83,7 @@ def kernel_table(engine: LLMEngine, workload) -> tuple[float, list[dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="benchmarks/models/Qwen3-0.6B")
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", default="100:1024")
-    parser.add_argument("--output-len", default="100:1024")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--attention-backend", default="TRITON_ATTN")
+    parser = workload_parser(__doc__)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json", help="write the full results here")
     args = parser.parse_args()
