@@ -45,9 +45,10 @@ class DecodeGraphs:
     def run_each_size(self) -> None:
         """One eager decode step of padding rows at each size, at the longest context: compiles every kernel
         variant a decode step can need (without graphs, the KV split varies with the batch)."""
-        for size in self.sizes:
-            self.model(self.input_ids[:size], self.positions[:size],
-                       self.backend.build_graph_metadata(self.dummy_layout(size), self.max_blocks))
+        metadata = [self.backend.build_graph_metadata(self.dummy_layout(size), self.max_blocks) for size in self.sizes]
+        for size, md in zip(self.sizes, metadata):
+            self.model(self.input_ids[:size], self.positions[:size], md)
+        # Only now may the metadata go: a backend's library may still be copying from host buffers it holds.
         torch.cuda.synchronize()
 
     @torch.inference_mode()

@@ -3,10 +3,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
+
+
+class HostUploads(Protocol):
+    """The runner's pinned host buffers, used in turn per step (see model_runner.PinnedUploads)."""
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor: ...
+
+    def stage(self, array: np.ndarray) -> torch.Tensor: ...
 
 
 @dataclass
@@ -23,7 +29,7 @@ class BatchLayout:
     slot_mapping: torch.Tensor  # [T] int64, on the device
     block_size: int
     device: torch.device
-    upload: Callable[[np.ndarray], torch.Tensor] | None = None  # host array -> device tensor, without a sync
+    upload: HostUploads | None = None  # host arrays to the device without a sync
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A copy of `array` on the device; through pinned memory when the runner offers it, so that it does
@@ -31,6 +37,11 @@ class BatchLayout:
         if self.upload is not None:
             return self.upload(array)
         return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def pinned(self, array: np.ndarray) -> torch.Tensor:
+        """`array` as a host tensor that a library may copy to the device asynchronously: in the runner's pinned
+        memory (left untouched until two steps later) when it offers it."""
+        return self.upload.stage(array) if self.upload is not None else torch.from_numpy(array)
 
     @property
     def seq_lens(self) -> np.ndarray:

@@ -38,16 +38,20 @@ class PinnedUploads:
     def next_step(self) -> None:
         self.turn, self.offset = self.turn ^ 1, 0
 
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
+    def stage(self, array: np.ndarray) -> torch.Tensor:
+        """`array` copied into this step's pinned buffer (a pageable tensor when it does not fit)."""
         array = np.ascontiguousarray(array)
         start = -(-self.offset // 16) * 16
         buffer = self.buffers[self.turn]
         if start + array.nbytes > buffer.numel():
-            return torch.from_numpy(array).to(self.device)
+            return torch.from_numpy(array)
         self.offset = start + array.nbytes
         staged = buffer[start:self.offset]
         staged.numpy()[:] = array.reshape(-1).view(np.uint8)
-        return staged.view(torch.from_numpy(array[:0]).dtype).view(array.shape).to(self.device, non_blocking=True)
+        return staged.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        return self.stage(array).to(self.device, non_blocking=True)
 
 
 @dataclass

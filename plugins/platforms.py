@@ -42,7 +42,7 @@ class CpuPlatform(Platform):
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
-    attention_backends = ("FLASHINFER", "TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA")
+    attention_backends = ("TRITON_ATTN", "FLASHINFER", "FLASH_ATTN", "TORCH_SDPA")  # FLASHINFER compiles on first use
     max_num_batched_tokens = 8192  # prefill chunks large enough to keep a GPU's matmuls busy
 
     @classmethod

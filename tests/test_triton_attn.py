@@ -2,10 +2,7 @@
 
 Without CUDA they run in Triton's interpreter at small shapes; with CUDA, compiled, at larger ones.
 """
-import math
 import os
-import zlib
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,12 +13,12 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when the kernels are defined: on first use
 pytest.importorskip("triton")
 
+from attention_reference import check_backend  # noqa: E402
 from llmserve.backends.triton_attn import TritonAttnBackend, write_kv  # noqa: E402
 from llmserve.interfaces import AttentionSpec, BatchLayout  # noqa: E402
 
 GPU = DEVICE == "cuda"
 SCALE = 24 if GPU else 1  # contexts and prefill chunks grow by this factor on a GPU
-TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9), (0, 0)]  # (cached tokens, new tokens); last: padding
 DECODE = [(70, 1), (5, 1), (130, 1), (33, 1)]
 
@@ -30,57 +27,11 @@ def scaled(requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(c * SCALE, n * SCALE if n > 1 else n) for c, n in requests]
 
 
-def reference(q, k, v, cache, tables, requests, scale, window) -> torch.Tensor:
-    """Each request's queries over its cached tokens (read through its block table) and its new ones, in fp32."""
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    block_size, group, start = cache.shape[2], q.shape[1] // k.shape[1], 0
-    for (context, n), table in zip(requests, tables):
-        pos = torch.arange(context, device=q.device)
-        blocks = torch.tensor(table, device=q.device, dtype=torch.long)[pos // block_size]
-        keys = torch.cat([cache[0, blocks, pos % block_size], k[start:start + n]]).float().repeat_interleave(group, 1)
-        values = torch.cat([cache[1, blocks, pos % block_size], v[start:start + n]]).float().repeat_interleave(group, 1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:start + n].float(), keys) * scale
-        query_pos = torch.arange(context, context + n, device=q.device)[:, None]
-        key_pos = torch.arange(context + n, device=q.device)[None, :]
-        visible = key_pos <= query_pos
-        if window:
-            visible &= key_pos > query_pos - window
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, values)
-        start += n
-    return out
-
-
-def make_batch(requests, block_size: int):
-    """Block tables drawn from a shuffled pool, with a spare block each (the allocator may have one ready)."""
-    needed = [math.ceil((c + n) / block_size) + (1 if c + n else 0) for c, n in requests]
-    pool = torch.randperm(sum(needed) + 3).tolist()
-    tables, used = [], 0
-    for count in needed:
-        tables.append(pool[used:used + count])
-        used += count
-    slots = [table[p // block_size] * block_size + p % block_size
-             for (c, n), table in zip(requests, tables) for p in range(c, c + n)]
-    return tables, slots, len(pool)
-
-
 def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None):
-    torch.manual_seed(zlib.crc32(repr((dtype, heads, kv_heads, head_dim, block_size, requests, window)).encode()))
-    tables, slots, num_blocks = make_batch(requests, block_size)
-    tokens = sum(n for _, n in requests)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
-    q = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
-    k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype)
-    v = torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype)
-    spec = AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window)
-    backend = TritonAttnBackend(spec, torch.device(DEVICE))
-    backend.kv_segments = segments
-    layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), tables,
-                         torch.tensor(slots, dtype=torch.int64, device=DEVICE), block_size, torch.device(DEVICE))
-    layer = SimpleNamespace(scale=head_dim**-0.5, sliding_window=window)
-    expected = reference(q, k, v, cache, tables, requests, layer.scale, window)
-    out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
-    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    def configure(backend: TritonAttnBackend) -> None:
+        backend.kv_segments = segments
+
+    check_backend(TritonAttnBackend, dtype, heads, kv_heads, head_dim, block_size, requests, window, DEVICE, configure)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
