@@ -10,6 +10,7 @@ flashinfer is imported when the backend is built, never on import: listing the b
 """
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,7 @@ class FlashInferBackend(AttentionBackend):
         self.prefill = {w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
                         for w in self.windows}
         self.decode = {w: self.decode_wrapper() for w in self.windows}
-        self.planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan's copies
+        self.planned = weakref.WeakKeyDictionary()  # wrapper -> a CUDA event after its last plan's copies
 
     def decode_wrapper(self, graph_size: int | None = None, max_blocks: int = 0):
         buffers = {}
@@ -86,8 +87,8 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, wrapper, pages: PageIndex, window: int, decode: bool) -> None:
         # plan() stages its schedule in one pinned buffer per wrapper and copies it without waiting: before
         # overwriting it, wait until the previous step's copy has run (the start of that step on the GPU).
-        if id(wrapper) in self.planned:
-            self.planned[id(wrapper)].synchronize()
+        if wrapper in self.planned:
+            self.planned[wrapper].synchronize()
         s = self.spec
         common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.dtype)
         if decode:
@@ -96,7 +97,7 @@ class FlashInferBackend(AttentionBackend):
         else:
             wrapper.plan(pages.qo_indptr, pages.indptr, pages.indices, pages.last_page_len, s.num_heads,
                          s.num_kv_heads, s.head_dim, s.block_size, causal=True, **common)
-        event = self.planned.setdefault(id(wrapper), torch.cuda.Event())
+        event = self.planned.setdefault(wrapper, torch.cuda.Event())
         event.record()
 
     def build_metadata(self, batch: BatchLayout) -> FlashInferMetadata:
