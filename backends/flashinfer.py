@@ -10,6 +10,7 @@ flashinfer is imported when the backend is built, never on import: listing the b
 """
 import itertools
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,8 @@ from llmserve.backends.triton_attn import write_kv
 from llmserve.interfaces import AttentionBackend, BatchLayout
 from llmserve.plugins import hookimpl
 
-WORKSPACE_BYTES = 512 << 20  # split-KV partial results; 128 MiB (FlashInfer's suggestion) is too little for MQA
+# FlashInfer's float workspace holds split-KV partial results; 128 MiB (its suggestion) is too little for MQA.
+WORKSPACE_ENV = "LLMSERVE_FLASHINFER_WORKSPACE_BYTES"
 
 
 @dataclass
@@ -55,7 +57,7 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         self.flashinfer = flashinfer
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.workspace = torch.empty(int(os.environ.get(WORKSPACE_ENV, 512 << 20)), dtype=torch.uint8, device=device)
         self.windows = [-1] + ([spec.sliding_window - 1] if spec.sliding_window else [])
         self.prefill = {w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
                         for w in self.windows}
@@ -91,14 +93,21 @@ class FlashInferBackend(AttentionBackend):
             self.planned[wrapper].synchronize()
         s = self.spec
         common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.dtype)
-        if decode:
-            wrapper.plan(pages.indptr, pages.indices, pages.last_page_len, s.num_heads, s.num_kv_heads, s.head_dim,
-                         s.block_size, **common)
-        else:
-            wrapper.plan(pages.qo_indptr, pages.indptr, pages.indices, pages.last_page_len, s.num_heads,
-                         s.num_kv_heads, s.head_dim, s.block_size, causal=True, **common)
-        event = self.planned.setdefault(wrapper, torch.cuda.Event())
-        event.record()
+        try:
+            if decode:
+                wrapper.plan(pages.indptr, pages.indices, pages.last_page_len, s.num_heads, s.num_kv_heads,
+                             s.head_dim, s.block_size, **common)
+            else:
+                wrapper.plan(pages.qo_indptr, pages.indptr, pages.indices, pages.last_page_len, s.num_heads,
+                             s.num_kv_heads, s.head_dim, s.block_size, causal=True, **common)
+        except RuntimeError as e:
+            if "workspace" not in str(e).lower():
+                raise
+            raise ValueError(f"FLASHINFER's workspace of {self.workspace.numel()} bytes is too small for this model "
+                             f"and batch; set {WORKSPACE_ENV} to more, or use TRITON_ATTN ({e})") from None
+        if wrapper not in self.planned:
+            self.planned[wrapper] = torch.cuda.Event()
+        self.planned[wrapper].record()
 
     def build_metadata(self, batch: BatchLayout) -> FlashInferMetadata:
         decode = int(batch.query_lens.max(initial=0)) == 1
@@ -111,8 +120,8 @@ class FlashInferBackend(AttentionBackend):
     def build_graph_metadata(self, batch: BatchLayout, max_blocks: int,
                              out: FlashInferMetadata | None = None) -> FlashInferMetadata:
         if out is None:
-            size = len(batch.query_lens)
-            out = FlashInferMetadata(batch.slot_mapping, {w: self.decode_wrapper(size, max_blocks) for w in self.windows})
+            wrappers = {w: self.decode_wrapper(len(batch.query_lens), max_blocks) for w in self.windows}
+            out = FlashInferMetadata(batch.slot_mapping, wrappers)
         else:
             out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
         pages = self.page_index(batch)

@@ -22,7 +22,8 @@ from llmserve.sampling_params import SamplingParams
 
 from gpu_throughput import workload_parser  # noqa: I001 (this script's folder is on sys.path)
 
-KINDS = [("attention", ("attention",)), ("attention reduce", ("reduce_segments",)), ("KV write", ("write_kv",)),
+KINDS = [("attention", ("attention", "BatchPrefill", "BatchDecode", "MergeState")),
+         ("attention reduce", ("reduce_segments",)), ("KV write", ("write_kv",)), ("SiLU-and-multiply", ("silu",)),
          ("GEMM", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "splitk", "splitK")),
          ("RMSNorm", ("rms_norm",)), ("rotary", ("rotary",)), ("sampling", ("argmax", "logsumexp", "reduce_kernel")),
          ("copies", ("copy", "Memcpy", "Memset", "fill"))]

@@ -123,7 +123,7 @@ def bench_throughput(
               "total_tokens_per_s": (workload.prompt_tokens + output_tokens) / wall,
               "output_tokens_per_s": output_tokens / wall, "steps": steps, "memory_bandwidth_gb_s": bandwidth / 1e9,
               "memory_floor_s": floor, "roofline_fraction": floor / wall,
-              "engine_args": engine_args | {"model": model}}
+              "engine_args": recorded_args(engine, model, engine_args)}
     report(result, output_json, [
         ("Requests/s", "requests_per_s", ".2f"), ("Total tokens/s", "total_tokens_per_s", ".1f"),
         ("Output tokens/s", "output_tokens_per_s", ".1f"), ("Elapsed (s)", "elapsed_s", ".2f"),
@@ -155,12 +155,17 @@ def bench_latency(
               "latencies_s": walls, "prefill_s": prefill_wall,
               "time_per_output_token_ms": (wall - prefill_wall) / max(output_len - 1, 1) * 1000,
               "weight_read_floor_ms": weight_bytes(engine) / bandwidth * 1000,
-              "memory_bandwidth_gb_s": bandwidth / 1e9, "engine_args": engine_args | {"model": model}}
+              "memory_bandwidth_gb_s": bandwidth / 1e9, "engine_args": recorded_args(engine, model, engine_args)}
     report(result, output_json, [
         ("Batch latency (s, median)", "latency_s", ".3f"), ("Prefill (s)", "prefill_s", ".4f"),
         ("Time per output token (ms)", "time_per_output_token_ms", ".2f"),
         ("Weight-read floor (ms)", "weight_read_floor_ms", ".2f"),
         ("Memory bandwidth (GB/s)", "memory_bandwidth_gb_s", ".0f")])
+
+
+def recorded_args(engine: LLMEngine, model: str | None, engine_args: dict) -> dict:
+    """The engine arguments for the JSON results, with the step budget the platform's default resolved to."""
+    return engine_args | {"model": model, "max_num_batched_tokens": engine.config.max_num_batched_tokens}
 
 
 def report(result: dict, output_json: str | None, rows: list[tuple[str, str, str]]) -> None:

@@ -29,14 +29,18 @@ class Launched:
 class PinnedUploads:
     """Host arrays to the device through two pinned buffers used in turn, one per step: a copy never waits for
     the GPU work queued before it (a pageable copy would), and a buffer is rewritten only two steps later,
-    after the step that read it has been waited for."""
+    once the GPU has done the step that read it (usually long since: the engine reads each step's samples; a
+    prefill step samples nothing, so the event is what keeps the host from running further ahead)."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.done = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after the work queued with each buffer
         self.device, self.turn, self.offset = device, 0, 0
 
     def next_step(self) -> None:
+        self.done[self.turn].record()
         self.turn, self.offset = self.turn ^ 1, 0
+        self.done[self.turn].synchronize()
 
     def stage(self, array: np.ndarray) -> torch.Tensor:
         """`array` copied into this step's pinned buffer (a pageable tensor when it does not fit)."""

@@ -49,8 +49,8 @@ def test_qk_rotary_matches_torch_on_strided_views(dtype, tokens, heads, kv_heads
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
     positions = torch.randint(0, 256, (tokens,), device=DEVICE)
     norm_pair = None
-    if norms:
-        norm_pair = tuple(RMSNorm(head_dim, 1e-6).to(DEVICE, dtype) for _ in range(2))
+    if norms:  # different eps and offsets for q and k, as a model could have
+        norm_pair = (RMSNorm(head_dim, 1e-6).to(DEVICE, dtype), RMSNorm(head_dim, 1e-2, offset=1.0).to(DEVICE, dtype))
         for norm in norm_pair:
             torch.nn.init.normal_(norm.weight)
     # The torch code, in fp32 on the CPU
@@ -65,7 +65,7 @@ def test_qk_rotary_matches_torch_on_strided_views(dtype, tokens, heads, kv_heads
 
 
 def _float_copy(norm: RMSNorm) -> RMSNorm:
-    copy = RMSNorm(norm.weight.shape[0], norm.eps)
+    copy = RMSNorm(norm.weight.shape[0], norm.eps, norm.offset)
     copy.weight.data = norm.weight.detach().float().cpu()
     return copy
 
