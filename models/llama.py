@@ -96,8 +96,9 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_spec(self, block_size: int) -> AttentionSpec:
         attn = self.model.layers[0].self_attn
+        windows = [layer.self_attn.attn.sliding_window for layer in self.model.layers]
         return AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.lm_head.weight.dtype,
-                             block_size, getattr(self.config, "sliding_window", None))
+                             block_size, max((w for w in windows if w), default=None))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)

@@ -8,6 +8,7 @@ from test_models import assert_greedy_matches_hf
 from llmserve import LLM, SamplingParams
 
 from llmserve.loader import load_hf_config
+from llmserve.models.qwen3 import Qwen3ForCausalLM
 from llmserve.plugins.select import model_class
 
 BENCHMARK_MODELS = Path(__file__).parent.parent / "benchmarks" / "models"
@@ -30,6 +31,15 @@ def qwen3_config(**overrides):
 ])
 def test_qwen3_safetensors_matches_hf(tmp_path, overrides):
     assert_greedy_matches_hf(qwen3_config(**overrides), tmp_path)
+
+
+def test_attention_spec_has_a_window_only_when_a_layer_uses_one():
+    unused = qwen3_config()
+    unused.sliding_window = 4096  # as older configs keep it, with use_sliding_window off
+    used = qwen3_config(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with torch.device("meta"):
+        assert Qwen3ForCausalLM(unused, torch.float32).attention_spec(16).sliding_window is None
+        assert Qwen3ForCausalLM(used, torch.float32).attention_spec(16).sliding_window == 8
 
 
 @pytest.mark.parametrize("name, architecture, parameters, heads", [
