@@ -40,7 +40,7 @@ class PageIndex:
     indptr: torch.Tensor  # [B + 1]
     indices: torch.Tensor  # [indptr[-1]] block ids, on the device
     last_page_len: torch.Tensor  # [B] tokens in each request's last page
-    qo_indptr: torch.Tensor  # [B + 1] query_start_loc
+    qo_indptr: torch.Tensor | None  # [B + 1] query_start_loc, for the prefill wrapper only
 
 
 class FlashInferBackend(AttentionBackend):
@@ -74,7 +74,7 @@ class FlashInferBackend(AttentionBackend):
         return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True,
                                                                   **buffers)
 
-    def page_index(self, batch: BatchLayout) -> PageIndex:
+    def page_index(self, batch: BatchLayout, decode: bool) -> PageIndex:
         bs = batch.block_size
         seq_lens = batch.seq_lens
         pages = -(-seq_lens // bs)
@@ -84,7 +84,12 @@ class FlashInferBackend(AttentionBackend):
         indices = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(indptr[-1]))
         last = np.where(pages > 0, seq_lens - (pages - 1) * bs, 0).astype(np.int32)
         return PageIndex(batch.pinned(indptr), batch.to_device(indices), batch.pinned(last),
-                         batch.pinned(batch.query_start_loc.astype(np.int32)))
+                         None if decode else batch.pinned(batch.query_start_loc.astype(np.int32)))
+
+    def plan_all(self, wrappers: dict, batch: BatchLayout, decode: bool) -> None:
+        pages = self.page_index(batch, decode)
+        for window, wrapper in wrappers.items():
+            self.plan(wrapper, pages, window, decode)
 
     def plan(self, wrapper, pages: PageIndex, window: int, decode: bool) -> None:
         # plan() stages its schedule in one pinned buffer per wrapper and copies it without waiting: before
@@ -111,10 +116,8 @@ class FlashInferBackend(AttentionBackend):
 
     def build_metadata(self, batch: BatchLayout) -> FlashInferMetadata:
         decode = int(batch.query_lens.max(initial=0)) == 1
-        pages = self.page_index(batch)
         wrappers = self.decode if decode else self.prefill
-        for window, wrapper in wrappers.items():
-            self.plan(wrapper, pages, window, decode)
+        self.plan_all(wrappers, batch, decode)
         return FlashInferMetadata(batch.slot_mapping, dict(wrappers))
 
     def build_graph_metadata(self, batch: BatchLayout, max_blocks: int,
@@ -124,9 +127,7 @@ class FlashInferBackend(AttentionBackend):
             out = FlashInferMetadata(batch.slot_mapping, wrappers)
         else:
             out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
-        pages = self.page_index(batch)
-        for window, wrapper in out.wrappers.items():
-            self.plan(wrapper, pages, window, decode=True)
+        self.plan_all(out.wrappers, batch, decode=True)
         return out
 
     def forward(self, layer, q, k, v, kv_cache, metadata: FlashInferMetadata) -> torch.Tensor:

@@ -15,10 +15,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llmserve.cli.bench_offline import kv_bytes_per_token, make_workload, memory_bandwidth, warm_up, weight_bytes
+from llmserve.cli.bench_offline import (add_all, kv_bytes_per_token, make_workload, memory_bandwidth, warm_up,
+                                        weight_bytes)
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
-from llmserve.sampling_params import SamplingParams
 
 from gpu_throughput import workload_parser  # noqa: I001 (this script's folder is on sys.path)
 
@@ -32,12 +32,6 @@ BUCKETS = [256, 192, 128, 64, 32, 16, 1, 0]
 
 def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other elementwise")
-
-
-def add_all(engine: LLMEngine, workload) -> None:
-    for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
-        engine.add_request(f"r{time.monotonic_ns()}-{i}", prompt,
-                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), prompt)
 
 
 def timed_run(engine: LLMEngine, workload) -> list[dict]:

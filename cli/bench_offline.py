@@ -78,11 +78,16 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     return 2 * spec.num_kv_heads * spec.head_dim * engine.runner.dtype.itemsize * layers
 
 
-def run_all(engine: LLMEngine, workload: Workload, ignore_eos: bool) -> tuple[float, int]:
-    """Every request at once; returns the wall time and the output tokens."""
+def add_all(engine: LLMEngine, workload: Workload, ignore_eos: bool = True) -> None:
+    """Queue every request of the workload, greedy."""
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=ignore_eos) for n in workload.output_lens]
     for i, (prompt, p) in enumerate(zip(workload.prompts, params)):
         engine.add_request(str(i), prompt, p, prompt)
+
+
+def run_all(engine: LLMEngine, workload: Workload, ignore_eos: bool) -> tuple[float, int]:
+    """Every request at once; returns the wall time and the output tokens."""
+    add_all(engine, workload, ignore_eos)
     output_tokens, start = 0, time.perf_counter()
     while engine.has_unfinished_requests():
         output_tokens += sum(len(o.outputs[0].token_ids) for o in engine.step(finished_only=True))
