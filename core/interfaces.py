@@ -61,7 +61,8 @@ class AttentionSpec:
     head_dim: int
     dtype: torch.dtype
     block_size: int
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the widest window of any layer (None: no layer has one)
+    logit_softcap: float | None = None  # scores become cap * tanh(scores / cap) (Gemma 2), on some layers or all
 
 
 class AttentionBackend(ABC):
@@ -71,6 +72,7 @@ class AttentionBackend(ABC):
     head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
     block_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_sliding_window: ClassVar[bool] = True
+    supports_logit_softcap: ClassVar[bool] = False
     supports_cuda_graphs: ClassVar[bool] = False  # True: implements build_graph_metadata
     required_packages: ClassVar[dict[str, str]] = {}  # import name -> pip requirement
 
@@ -90,6 +92,8 @@ class AttentionBackend(ABC):
             reasons.append(f"supports block sizes {cls.block_sizes}, not {spec.block_size}")
         if spec.sliding_window and not cls.supports_sliding_window:
             reasons.append("does not support sliding-window attention")
+        if spec.logit_softcap and not cls.supports_logit_softcap:
+            reasons.append("does not support attention logit soft-capping")
         for module, requirement in cls.required_packages.items():
             if importlib.util.find_spec(module) is None:
                 reasons.append(f"needs the package {requirement!r}: pip install {requirement}")
@@ -122,8 +126,9 @@ class AttentionBackend(ABC):
 
 class AttentionLayer(Protocol):
     layer_index: int
-    scale: float
-    sliding_window: int | None
+    scale: float  # the softmax scale, per model (1/sqrt(head_dim) unless the model says otherwise)
+    sliding_window: int | None  # a query sees itself and the window - 1 keys before it
+    logit_softcap: float | None  # scores (after scale) become cap * tanh(scores / cap)
 
 
 class Platform(ABC):

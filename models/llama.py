@@ -1,31 +1,34 @@
-"""The Llama family (Llama 2/3/3.1, SmolLM2, ...) on the engine's flat token batch."""
+"""The Llama family (Llama 2/3/3.1, SmolLM2, ...) on the engine's flat token batch; Mistral, Qwen2/3 and Phi-3 are
+this layout with other biases, windows, norms or rotary settings."""
 import torch
 from torch import nn
 
 from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import (Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, rope_parameters,
-                                    silu_and_mul)
+from llmserve.models.layers import (Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, act_and_mul,
+                                    attention_spec, layer_sliding_window, load_checkpoint, rope_parameters)
 from llmserve.plugins import hookimpl
-
-# checkpoint projection name -> (our merged parameter, shard index)
-STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class LlamaAttention(nn.Module):
     qk_norms: tuple | None = None  # RMSNorms over each head of q and of k before rotary (Qwen3)
+
+    @staticmethod
+    def biases(config) -> tuple[bool, bool]:
+        """Whether q/k/v and o_proj have biases."""
+        bias = getattr(config, "attention_bias", False)
+        return bias, bias
 
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=bias)
+        qkv_bias, o_bias = self.biases(config)
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
         self.split = [q_size, kv_size, kv_size]
         self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
-                              getattr(config, "sliding_window", None))
+                              layer_sliding_window(config, layer_index))
 
     def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -39,11 +42,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         size = config.intermediate_size
+        self.act = getattr(config, "hidden_act", "silu")
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False))
         self.down_proj = Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,10 +99,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_spec(self, block_size: int) -> AttentionSpec:
-        attn = self.model.layers[0].self_attn
-        windows = [layer.self_attn.attn.sliding_window for layer in self.model.layers]
-        return AttentionSpec(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.lm_head.weight.dtype,
-                             block_size, max((w for w in windows if w), default=None))
+        return attention_spec(self, block_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
@@ -107,34 +108,18 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights) -> None:
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
-                continue
-            layer_part, _, leaf = name.rpartition(".")
-            module_path, _, proj = layer_part.rpartition(".")
-            if proj in STACKED:
-                merged, shard = STACKED[proj]
-                module = self.get_submodule(f"{module_path}.{merged}")
-                module.load_shard(shard, tensor.to(getattr(module, leaf).dtype), leaf)
-                loaded.add(f"{module_path}.{merged}.{leaf}")
-                continue
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded - ({"lm_head.weight"} if self.lm_head.weight is self.model.embed_tokens.weight else set()))
-        if missing:
-            raise ValueError(f"checkpoint has no weights for {len(missing)} parameters, e.g. {missing[:3]}")
+        load_checkpoint(self, ((name, tensor) for name, tensor in weights if "rotary_emb.inv_freq" not in name))
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the Llama layout with `sliding_window` on every layer (the shared window rule does that)."""
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3/3.5, Phi-4-mini: checkpoints ship qkv_proj and gate_up_proj already fused (our merged parameters' names),
+    with a partial rotary factor, LongRoPE and a sliding window on every layer, all read from the config."""
 
 
 @hookimpl
 def llmserve_models():
-    return {"LlamaForCausalLM": "llmserve.models.llama:LlamaForCausalLM"}
+    return {name: f"{__name__}:{name}" for name in ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")}

@@ -55,3 +55,45 @@ def hf_greedy(model, token_ids: list[int], max_tokens: int) -> tuple[list[int], 
     tokens = out.sequences[0, len(token_ids):].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
+
+
+# Token-id prompts of mixed lengths, each with its own max_tokens: the 90-token one crosses the short windows the
+# random configs set, and the batch mixes prefill lengths and finishing times.
+RANDOM_MODEL_PROMPTS = [[5, 17, 300, 4000, 12], list(range(200, 290)), [42] * 7, list(range(1000, 1033))]
+RANDOM_MODEL_MAX_TOKENS = [12, 6, 9, 3]
+
+
+def save_random_model(config, folder, **save_kwargs) -> None:
+    """Random weights for an HF config, saved by transformers (safetensors unless save_kwargs say otherwise), with the
+    embedded model's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from llmserve.loader import find_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # large enough that the greedy path is not flat
+    model.save_pretrained(folder, **save_kwargs)
+    load_tokenizer(find_model(None)).save_pretrained(folder)
+
+
+def hf_reference(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def assert_greedy_matches_hf(config, folder, **llm_kwargs) -> None:
+    """Random weights for `config`, saved by HF: our greedy tokens on RANDOM_MODEL_PROMPTS (one batch, each prompt
+    with its own max_tokens) equal HF's. llm_kwargs go to LLM (e.g. attention_backend)."""
+    save_random_model(config, folder)
+    params = [greedy(n) for n in RANDOM_MODEL_MAX_TOKENS]
+    ours = LLM(model=str(folder), dtype="float32", **llm_kwargs).generate(RANDOM_MODEL_PROMPTS, params,
+                                                                           use_tqdm=False)
+    reference = hf_reference(folder)
+    for prompt, n, out in zip(RANDOM_MODEL_PROMPTS, RANDOM_MODEL_MAX_TOKENS, ours):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, n)[0], f"prompt of {len(prompt)} tokens"

@@ -1,24 +1,11 @@
 """Architectures on random weights for real configs, against HF transformers built from the same state dict."""
 import pytest
 import torch
-from conftest import greedy, hf_greedy
+from conftest import assert_greedy_matches_hf, greedy, save_random_model
 
 from llmserve import LLM
-from llmserve.loader import find_model, load_tokenizer
 
 PROMPTS = [[5, 17, 300, 4000, 12], list(range(200, 290)), [42] * 7]
-
-
-def save_random_model(config, folder) -> None:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)  # large enough that the greedy path is not flat
-    model.save_pretrained(folder)
-    load_tokenizer(find_model(None)).save_pretrained(folder)
 
 
 def llama_config(**overrides):
@@ -34,18 +21,6 @@ def llama_config(**overrides):
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 8, "rope_scaling": None, "head_dim": 32}])
 def test_llama_safetensors_matches_hf(tmp_path, overrides):
     assert_greedy_matches_hf(llama_config(**overrides), tmp_path)
-
-
-def assert_greedy_matches_hf(config, folder) -> None:
-    """Random weights for `config`, saved by HF: our greedy tokens equal HF's on PROMPTS."""
-    from transformers import AutoModelForCausalLM
-
-    save_random_model(config, folder)
-    ours = LLM(model=str(folder), dtype="float32").generate(PROMPTS, greedy(12), use_tqdm=False)
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    reference.generation_config.eos_token_id = None
-    for prompt, out in zip(PROMPTS, ours):
-        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 12)[0]
 
 
 def test_dummy_weights_load_without_checkpoint(tmp_path):

@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_models import assert_greedy_matches_hf
+from conftest import assert_greedy_matches_hf
 
 from llmserve import LLM, SamplingParams
 
 from llmserve.loader import load_hf_config
-from llmserve.models.qwen3 import Qwen3ForCausalLM
+from llmserve.models.qwen import Qwen3ForCausalLM
 from llmserve.plugins.select import model_class
 
 BENCHMARK_MODELS = Path(__file__).parent.parent / "benchmarks" / "models"

@@ -1,17 +1,20 @@
 import torch
 from torch import nn
 
+from llmserve.interfaces import AttentionSpec
+
 
 class Attention(nn.Module):
     """One layer's attention over the paged KV cache; the engine gives it a backend and its cache."""
 
     def __init__(self, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, sliding_window: int | None = None) -> None:
+                 scale: float, sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
         self.backend = None
         self.kv_cache = torch.empty(0)
 
@@ -22,3 +25,32 @@ class Attention(nn.Module):
                                    k.view(tokens, self.num_kv_heads, self.head_dim),
                                    v.view(tokens, self.num_kv_heads, self.head_dim), self.kv_cache, attn_metadata)
         return out.reshape(tokens, self.num_heads * self.head_dim)
+
+
+def attention_spec(model: nn.Module, block_size: int) -> AttentionSpec:
+    """What a model's attention layers ask of the backend (they share heads and head size; windows may differ)."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    first = layers[0]
+    if any((a.num_heads, a.num_kv_heads, a.head_dim) != (first.num_heads, first.num_kv_heads, first.head_dim)
+           for a in layers):
+        raise ValueError(f"{type(model).__name__}: attention layers differ in heads or head size, which one KV cache "
+                         "layout cannot hold")
+    windows = [a.sliding_window for a in layers if a.sliding_window]
+    caps = [a.logit_softcap for a in layers if a.logit_softcap]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return AttentionSpec(first.num_heads, first.num_kv_heads, first.head_dim, dtype, block_size,
+                         max(windows, default=None), max(caps, default=None))
+
+
+def layer_sliding_window(config, layer_index: int) -> int | None:
+    """The layer's window as HF decides it: by `layer_types` where the config has them (Gemma, Qwen2/3), else by
+    Qwen's `use_sliding_window` from `max_window_layers` on, else `sliding_window` on every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types:
+        return window if types[layer_index] == "sliding_attention" else None
+    if hasattr(config, "use_sliding_window"):
+        return window if config.use_sliding_window and layer_index >= config.max_window_layers else None
+    return window

@@ -45,18 +45,18 @@ def kernels() -> SimpleNamespace:
 
     @triton.jit
     def rotate_heads(base, heads, stride_h, cos, sin, weight_ptr, eps, offset, NORM: tl.constexpr,
-                     HALF: tl.constexpr, HEADS_P2: tl.constexpr):
+                     HALF: tl.constexpr, HALF_P2: tl.constexpr, HEADS_P2: tl.constexpr):
         """Rotate one token's heads in place (RMS-normalising each head first when NORM)."""
         h = tl.arange(0, HEADS_P2)[:, None]
-        d = tl.arange(0, HALF)[None, :]
-        mask = h < heads
+        d = tl.arange(0, HALF_P2)[None, :]
+        mask = (h < heads) & (d < HALF)
         first = base + h * stride_h + d
         x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
         if NORM:
             scale = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-            x1 = x1 * scale * (tl.load(weight_ptr + d).to(tl.float32) + offset)
-            x2 = x2 * scale * (tl.load(weight_ptr + HALF + d).to(tl.float32) + offset)
+            x1 = x1 * scale * (tl.load(weight_ptr + d, mask=d < HALF, other=0.0).to(tl.float32) + offset)
+            x2 = x2 * scale * (tl.load(weight_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32) + offset)
         tl.store(first, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
         tl.store(first + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
 
@@ -64,16 +64,16 @@ def kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
     def qk_rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, stride_qt, stride_qh,
                   stride_kt, stride_kh, q_heads, k_heads, q_eps, k_eps, q_offset, k_offset, NORM: tl.constexpr,
-                  HALF: tl.constexpr, Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr):
+                  HALF: tl.constexpr, HALF_P2: tl.constexpr, Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         position = tl.load(positions_ptr + token)
-        d = tl.arange(0, HALF)[None, :]
-        cos = tl.load(cos_ptr + position * HALF + d)
-        sin = tl.load(sin_ptr + position * HALF + d)
+        d = tl.arange(0, HALF_P2)[None, :]
+        cos = tl.load(cos_ptr + position * HALF + d, mask=d < HALF, other=0.0)
+        sin = tl.load(sin_ptr + position * HALF + d, mask=d < HALF, other=0.0)
         rotate_heads(q_ptr + token * stride_qt, q_heads, stride_qh, cos, sin, q_weight_ptr, q_eps, q_offset, NORM,
-                     HALF, Q_HEADS_P2)
+                     HALF, HALF_P2, Q_HEADS_P2)
         rotate_heads(k_ptr + token * stride_kt, k_heads, stride_kh, cos, sin, k_weight_ptr, k_eps, k_offset, NORM,
-                     HALF, K_HEADS_P2)
+                     HALF, HALF_P2, K_HEADS_P2)
 
     @triton.jit
     def silu_and_mul(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr):
@@ -113,7 +113,8 @@ def qk_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     kern = kernels()
     kern.qk_rotary[(tokens,)](q, k, cos, sin, positions, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0),
                               k.stride(1), q_heads, k.shape[1], q_eps, k_eps, q_offset, k_offset,
-                              NORM=norms is not None, HALF=head_dim // 2, Q_HEADS_P2=kern.next_pow2(q_heads),
+                              NORM=norms is not None, HALF=head_dim // 2, HALF_P2=kern.next_pow2(head_dim // 2),
+                              Q_HEADS_P2=kern.next_pow2(q_heads),
                               K_HEADS_P2=kern.next_pow2(k.shape[1]))
 
 

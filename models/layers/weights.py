@@ -1,0 +1,48 @@
+"""Loading checkpoint tensors into a model's parameters, by name."""
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# checkpoint projection -> (our merged parameter, shard index): q/k/v and gate/up are stacked into one matmul
+QKV_GATE_UP = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    stacked: dict[str, tuple[str, int]] = QKV_GATE_UP) -> None:
+    """Copy each (name, tensor) into the parameter of that name, or into its shard of a merged parameter (see
+    `stacked`); a tensor without a parameter, or a parameter left without a tensor, is an error naming it. A tensor
+    for a tied parameter (lm_head tied to the embedding) is checked against the one already loaded, not loaded twice."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owner = {id(p): name for name, p in reversed(list(params.items()))}  # a tied tensor's first name
+    loaded = set()
+    model_name = type(model).__name__
+    for name, tensor in weights:
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, proj = module_path.rpartition(".")
+        if proj in stacked:
+            merged, shard = stacked[proj]
+            target = f"{parent}.{merged}" if parent else merged
+            if f"{target}.{leaf}" not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {model_name} "
+                                 f"(expected {target}.{leaf})")
+            module = model.get_submodule(target)
+            module.load_shard(shard, tensor.to(getattr(module, leaf).dtype), leaf)
+            loaded.add(f"{target}.{leaf}")
+            continue
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in {model_name}")
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {model_name}'s "
+                             f"parameter {name} has {tuple(param.shape)}")
+        if owner[id(param)] != name and owner[id(param)] in loaded:
+            continue  # a tied copy (e.g. lm_head.weight saved beside the embedding it shares)
+        with torch.no_grad():
+            param.copy_(tensor)
+        loaded.add(owner[id(param)])
+    missing = [name for name in dict(model.named_parameters()) if name not in loaded]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameters of {model_name}: {shown}")
