@@ -51,6 +51,7 @@ class FlashInferBackend(AttentionBackend):
     block_sizes = (16, 32, 64, 128)
     required_packages = {"flashinfer": "flashinfer-python", "triton": "triton>=3.6"}  # triton: the KV write
     supports_cuda_graphs = True
+    supports_logit_softcap = True  # one cap for all layers, planned with the step (AttentionSpec.logit_softcap)
 
     def __init__(self, spec, device: torch.device) -> None:
         super().__init__(spec, device)
@@ -97,7 +98,8 @@ class FlashInferBackend(AttentionBackend):
         if wrapper in self.planned:
             self.planned[wrapper].synchronize()
         s = self.spec
-        common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.dtype)
+        common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.dtype,
+                      logits_soft_cap=s.logit_softcap or 0.0)
         try:
             if decode:
                 wrapper.plan(pages.indptr, pages.indices, pages.last_page_len, s.num_heads, s.num_kv_heads,

@@ -62,9 +62,21 @@ def pack_groups(query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> 
     return groups
 
 
+def attend(query, keys, values, mask, scale: float, logit_softcap: float | None) -> torch.Tensor:
+    """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values; SDPA unless scores are soft-capped, which
+    SDPA cannot do (then the same math in plain torch, in fp32)."""
+    if not logit_softcap:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
+    scores = torch.tanh(query.float() @ keys.transpose(-1, -2) * (scale / logit_softcap)) * logit_softcap
+    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values).to(query.dtype)
+
+
 class TorchSdpaBackend(AttentionBackend):
     name = "TORCH_SDPA"
     platforms = ("cpu", "cuda", "rocm")
+    supports_logit_softcap = True
 
     def build_metadata(self, batch: BatchLayout) -> SdpaMetadata:
         starts, seq_lens, query_lens = batch.query_start_loc, batch.seq_lens, batch.query_lens
@@ -101,8 +113,7 @@ class TorchSdpaBackend(AttentionBackend):
             values = value_cache.view(value_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
             mask = g.mask(max_blocks * block_size, layer.sliding_window)
             query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scale,
-                                                  enable_gqa=True)
+            attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap)
             attn = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
             out.index_copy_(0, g.out_index, attn if len(g.valid_index) == len(attn) else attn.index_select(0, g.valid_index))
         return out

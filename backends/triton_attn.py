@@ -82,9 +82,9 @@ def kernels() -> SimpleNamespace:
         return c
 
     @triton.jit
-    def attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos, qk_scale, window,
+    def attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos, qk_scale, window, softcap,
                     stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    MASKED: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         """One online-softmax step over keys start:start+TILE_N; MASKED applies causality, window, sequence end."""
         key = start + tl.arange(0, TILE_N)
         d = tl.arange(0, HEAD_DIM)[None, :]
@@ -99,6 +99,8 @@ def kernels() -> SimpleNamespace:
         else:
             k = tl.load(k_base + offset)
         s = dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale
+        if SOFTCAP:  # qk_scale is scale / cap here; tanh(x) = 1 - 2 / (e^2x + 1), times cap in the log2 domain
+            s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * softcap
         if MASKED:
             visible = key[None, :] <= q_pos[:, None]
             if SLIDING:
@@ -116,22 +118,22 @@ def kernels() -> SimpleNamespace:
         return acc, l_i, m_new
 
     @triton.jit
-    def attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, lo, hi, kv_end, q_pos, qk_scale, window,
+    def attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, lo, hi, kv_end, q_pos, qk_scale, window, softcap,
                      stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     MASKED: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+                     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                      INTERPRET: tl.constexpr):
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which NumPy 2 refuses as range() bounds
             start = lo
             while start < hi:
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
-                                            MASKED, SLIDING, PRECISION, INTERPRET)
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
+                                            MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
                 start += TILE_N
         else:
             for start in range(lo, hi, TILE_N):
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
-                                            MASKED, SLIDING, PRECISION, INTERPRET)
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
+                                            MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
         return acc, l_i, m_i
 
     # The batch's size and where its metadata starts in the upload buffer vary every step: no compiled variant
@@ -139,11 +141,11 @@ def kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["num_reqs", "stride_table"],
                 do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr"])
     def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr,
-                  num_reqs, qk_scale, window, stride_qt, stride_qh, stride_ot, stride_oh,
+                  num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, SEGMENTS: tl.constexpr,
-                  SLIDING: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                  SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
         segment = tl.program_id(2)
@@ -196,16 +198,16 @@ def kernels() -> SimpleNamespace:
         table_row = table_ptr + req.to(tl.int64) * stride_table
         if SLIDING:
             acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(kv_begin, seg_lo),
-                                         tl.minimum(full_begin, seg_hi), kv_end, q_pos, qk_scale, window,
-                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, PRECISION,
+                                         tl.minimum(full_begin, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
+                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, SOFTCAP, PRECISION,
                                          INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_begin, seg_lo),
-                                     tl.minimum(full_end, seg_hi), kv_end, q_pos, qk_scale, window,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, False, SLIDING, PRECISION,
+                                     tl.minimum(full_end, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, False, SLIDING, SOFTCAP, PRECISION,
                                      INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_end, seg_lo),
-                                     seg_hi, kv_end, q_pos, qk_scale, window,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, PRECISION,
+                                     seg_hi, kv_end, q_pos, qk_scale, window, softcap,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, SOFTCAP, PRECISION,
                                      INTERPRET)
 
         if SEGMENTS == 1:
@@ -263,8 +265,9 @@ def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileC
 
 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: TritonAttnMetadata, scale: float,
-              sliding_window: int | None, cfg: TileConfig | None = None) -> None:
-    """out [T, heads, head_dim] = paged causal attention of q [T, heads, head_dim] over kv_cache."""
+              sliding_window: int | None, cfg: TileConfig | None = None, logit_softcap: float | None = None) -> None:
+    """out [T, heads, head_dim] = paged causal attention of q [T, heads, head_dim] over kv_cache; with
+    `logit_softcap`, scores become cap * tanh(scores / cap) before the softmax."""
     tokens, heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = heads // kv_heads
@@ -276,10 +279,11 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
     grid = (tokens // block_q + num_reqs, kv_heads, segments)
     kernels().attention[grid](
         q, kv_cache, out, md.partial_out if split else out, md.partial_ml if split else out, md.query_start_loc,
-        md.seq_lens, md.block_table, num_reqs, scale * LOG2E, sliding_window or 0, q.stride(0), q.stride(1),
+        md.seq_lens, md.block_table, num_reqs, scale / logit_softcap if logit_softcap else scale * LOG2E,
+        sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), *kv_cache.stride()[:4], md.block_table.stride(0),
         NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=cfg.block_m,
-        BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window),
+        BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window), SOFTCAP=bool(logit_softcap),
         PRECISION="ieee" if q.dtype == torch.float32 else None, INTERPRET=kernels().interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
@@ -299,6 +303,7 @@ class TritonAttnBackend(AttentionBackend):
     block_sizes = (16, 32, 64, 128)
     required_packages = {"triton": "triton>=3.6"}
     supports_cuda_graphs = True
+    supports_logit_softcap = True
     kv_segments: int | None = None  # None: chosen per batch; a power of two forces that many KV segments
 
     def num_segments(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
@@ -363,7 +368,7 @@ class TritonAttnBackend(AttentionBackend):
     def forward(self, layer, q, k, v, kv_cache, metadata: TritonAttnMetadata) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window)
+        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, logit_softcap=layer.logit_softcap)
         return out
 
 

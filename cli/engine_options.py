@@ -24,7 +24,7 @@ HELP = {
                               "8192 on GPUs.",
     "block_size": "Tokens per KV-cache block.",
     "enable_prefix_caching": "Reuse the KV cache of shared prompt prefixes.",
-    "load_format": "auto, safetensors, gguf or dummy (random weights).",
+    "load_format": "auto (safetensors, else PyTorch .bin), safetensors, pt (.bin), gguf or dummy (random weights).",
     "seed": "Random seed of the engine.",
     "chat_template": "Chat template (Jinja text or a file) instead of the model's.",
     "generation_config": "'auto': the model's generation_config.json gives the sampling defaults; "

@@ -4,7 +4,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
 
 @dataclass
@@ -45,6 +45,8 @@ class EngineConfig:
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be > 0")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
+        check(self.load_format != "gguf" or str(self.model).endswith(".gguf"), "load_format",
+              f"'gguf' needs a .gguf model file (model={self.model!r})")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -62,7 +62,7 @@ class AttentionSpec:
     dtype: torch.dtype
     block_size: int
     sliding_window: int | None = None  # the widest window of any layer (None: no layer has one)
-    logit_softcap: float | None = None  # scores become cap * tanh(scores / cap) (Gemma 2), on some layers or all
+    logit_softcap: float | None = None  # every layer's scores become cap * tanh(scores / cap) (Gemma 2)
 
 
 class AttentionBackend(ABC):

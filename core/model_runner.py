@@ -77,7 +77,7 @@ class ModelRunner:
             if config.load_format == "dummy":
                 self.init_dummy_weights()
             else:
-                self.model.load_weights(iter_weights(model_path))
+                self.model.load_weights(iter_weights(model_path, config.load_format))
         except torch.OutOfMemoryError:
             raise ValueError(self.weights_do_not_fit(model_class(hf_config), hf_config)) from None
         self.spec = self.model.attention_spec(config.block_size)

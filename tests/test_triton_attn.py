@@ -27,11 +27,12 @@ def scaled(requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(c * SCALE, n * SCALE if n > 1 else n) for c, n in requests]
 
 
-def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None):
+def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None, **kwargs):
     def configure(backend: TritonAttnBackend) -> None:
         backend.kv_segments = segments
 
-    check_backend(TritonAttnBackend, dtype, heads, kv_heads, head_dim, block_size, requests, window, DEVICE, configure)
+    check_backend(TritonAttnBackend, dtype, heads, kv_heads, head_dim, block_size, requests, window, DEVICE, configure,
+                  **kwargs)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
@@ -62,6 +63,17 @@ def test_sliding_window(device, segments, block_size):
     requests = scaled([(45, 30), (80, 1), (0, 40), (100, 17)])
     run_case(torch.bfloat16 if GPU else torch.float32, heads, kv_heads, 128, block_size, requests,
              window=21 * SCALE, segments=segments)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 2])
+def test_softcap_and_model_scale(device, segments):
+    """Gemma 2's soft-capped scores (cap 50 and a small cap that bends most scores) with a scale not 1/sqrt(d)."""
+    heads, kv_heads = (16, 8) if GPU else (4, 2)
+    requests = scaled([(45, 30), (80, 1), (0, 40)])
+    for softcap in (50.0, 2.0):
+        run_case(torch.bfloat16 if GPU else torch.float32, heads, kv_heads, 64, 16, requests, window=21 * SCALE,
+                 segments=segments, softcap=softcap, scale=0.3)
 
 
 @pytest.mark.skipif(not GPU, reason="fp16/bf16 at every head size: realistic shapes need a GPU")

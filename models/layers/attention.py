@@ -36,10 +36,12 @@ def attention_spec(model: nn.Module, block_size: int) -> AttentionSpec:
         raise ValueError(f"{type(model).__name__}: attention layers differ in heads or head size, which one KV cache "
                          "layout cannot hold")
     windows = [a.sliding_window for a in layers if a.sliding_window]
-    caps = [a.logit_softcap for a in layers if a.logit_softcap]
+    caps = {a.logit_softcap for a in layers}
+    if len(caps) > 1:
+        raise ValueError(f"{type(model).__name__}: attention layers differ in logit soft-cap {caps}; backends take one")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     return AttentionSpec(first.num_heads, first.num_kv_heads, first.head_dim, dtype, block_size,
-                         max(windows, default=None), max(caps, default=None))
+                         max(windows, default=None), caps.pop())
 
 
 def layer_sliding_window(config, layer_index: int) -> int | None:

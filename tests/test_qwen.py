@@ -1,4 +1,5 @@
-"""Qwen3 on random weights against HF transformers, and the benchmark configs (no weights) building our models."""
+"""Qwen2 and Qwen3 on random weights against HF transformers, and the benchmark configs (no weights) building our
+models."""
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,32 @@ def qwen3_config(**overrides):
 ])
 def test_qwen3_safetensors_matches_hf(tmp_path, overrides):
     assert_greedy_matches_hf(qwen3_config(**overrides), tmp_path)
+
+
+def qwen2_config(**overrides):
+    from transformers import Qwen2Config
+
+    args = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False,
+                architectures=["Qwen2ForCausalLM"])
+    return Qwen2Config(**(args | overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    # tied head (Qwen2.5-0.5B); the last two layers see 8 tokens back, the first is global (max_window_layers)
+    {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+])
+def test_qwen2_safetensors_matches_hf(tmp_path, overrides):
+    assert_greedy_matches_hf(qwen2_config(**overrides), tmp_path)
+
+
+def test_qwen2_has_qkv_biases_and_no_o_proj_bias():
+    from llmserve.models.qwen import Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        attn = Qwen2ForCausalLM(qwen2_config(), torch.float32).model.layers[0].self_attn
+    assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
 
 
 def test_attention_spec_has_a_window_only_when_a_layer_uses_one():

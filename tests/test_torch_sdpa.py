@@ -1,0 +1,16 @@
+"""TORCH_SDPA against the plain fp32 paged-attention reference, on the CPU."""
+import pytest
+import torch
+from attention_reference import check_backend
+
+from llmserve.backends.torch_sdpa import TorchSdpaBackend
+
+MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9)]  # (cached tokens, new tokens)
+
+
+@pytest.mark.parametrize("window", [None, 21])
+@pytest.mark.parametrize("softcap, scale", [(None, None), (50.0, 0.3), (2.0, None)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (3, 1, 96), (2, 2, 256)])
+def test_matches_reference(window, softcap, scale, heads, kv_heads, head_dim):
+    check_backend(TorchSdpaBackend, torch.float32, heads, kv_heads, head_dim, 16, MIXED, window, "cpu",
+                  softcap=softcap, scale=scale)
