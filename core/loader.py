@@ -93,10 +93,12 @@ def causal_lm_architecture(model_type: str) -> str:
 
 
 def download_from_hub(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        files = list_repo_files(repo_id)
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"  # OPT ships .bin
+        return snapshot_download(repo_id, allow_patterns=["*.json", weights, "*.model", "*.txt", "*.jinja"])
     except Exception as e:
         raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}") from e
 

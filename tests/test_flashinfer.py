@@ -5,6 +5,7 @@ import gc
 import pytest
 import torch
 from attention_reference import check_backend
+from conftest import assert_same_greedy_up_to_near_tie
 from test_gpu import PROMPTS, save_random, tiny
 
 from llmserve import LLM, SamplingParams
@@ -51,12 +52,3 @@ def test_engine_matches_triton_attn(tmp_path, architecture, eager):
         for token, mine, reference in zip(prompt[1:], ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
             assert abs(mine[token].logprob - reference[token].logprob) < 0.1
         assert_same_greedy_up_to_near_tie(ours.outputs[0], theirs.outputs[0])
-
-
-def assert_same_greedy_up_to_near_tie(ours, theirs) -> None:
-    """Equal greedy tokens, or a first difference where the reference's top two were within bf16 noise."""
-    if ours.token_ids == theirs.token_ids:
-        return
-    j = next(i for i, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids)) if a != b)
-    top = theirs.logprobs[j]
-    assert ours.token_ids[j] in top and abs(top[ours.token_ids[j]].logprob - top[theirs.token_ids[j]].logprob) < 0.1
