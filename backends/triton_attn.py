@@ -61,14 +61,15 @@ def kernels() -> SimpleNamespace:
     @triton.jit
     def write_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                  stride_c, stride_cb, stride_ct, stride_ch,
-                 KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + token)
         if slot < 0:
             return
         heads = tl.arange(0, HEADS_P2)[:, None]
-        d = tl.arange(0, HEAD_DIM)[None, :]
-        mask = heads < KV_HEADS
+        d = tl.arange(0, HEAD_P2)[None, :]
+        mask = (heads < KV_HEADS) & (d < HEAD_DIM)
         dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + heads * stride_ch + d
         tl.store(dst, tl.load(k_ptr + token * stride_kt + heads * stride_kh + d, mask=mask), mask=mask)
         tl.store(dst + stride_c, tl.load(v_ptr + token * stride_vt + heads * stride_vh + d, mask=mask), mask=mask)
@@ -84,10 +85,11 @@ def kernels() -> SimpleNamespace:
     @triton.jit
     def attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos, qk_scale, window, softcap,
                     stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_P2: tl.constexpr,
                     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         """One online-softmax step over keys start:start+TILE_N; MASKED applies causality, window, sequence end."""
         key = start + tl.arange(0, TILE_N)
-        d = tl.arange(0, HEAD_DIM)[None, :]
+        d = tl.arange(0, HEAD_P2)[None, :]  # a head size that is no power of two is padded with zeros
         if MASKED:
             in_seq = key < kv_end
             block = tl.load(table_row + key // BLOCK_SIZE, mask=in_seq, other=0)
@@ -95,7 +97,9 @@ def kernels() -> SimpleNamespace:
             block = tl.load(table_row + key // BLOCK_SIZE)
         offset = (block.to(tl.int64) * stride_cb + (key % BLOCK_SIZE) * stride_ct)[:, None] + d
         if MASKED:
-            k = tl.load(k_base + offset, mask=in_seq[:, None], other=0.0)
+            k = tl.load(k_base + offset, mask=in_seq[:, None] & (d < HEAD_DIM), other=0.0)
+        elif HEAD_P2 != HEAD_DIM:
+            k = tl.load(k_base + offset, mask=d < HEAD_DIM, other=0.0)
         else:
             k = tl.load(k_base + offset)
         s = dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale
@@ -111,7 +115,9 @@ def kernels() -> SimpleNamespace:
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_base + offset, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offset, mask=in_seq[:, None] & (d < HEAD_DIM), other=0.0)
+        elif HEAD_P2 != HEAD_DIM:
+            v = tl.load(v_base + offset, mask=d < HEAD_DIM, other=0.0)
         else:
             v = tl.load(v_base + offset)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, INTERPRET)
@@ -120,19 +126,20 @@ def kernels() -> SimpleNamespace:
     @triton.jit
     def attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, lo, hi, kv_end, q_pos, qk_scale, window, softcap,
                      stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_P2: tl.constexpr,
                      MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                      INTERPRET: tl.constexpr):
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which NumPy 2 refuses as range() bounds
             start = lo
             while start < hi:
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2,
                                             MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
                 start += TILE_N
         else:
             for start in range(lo, hi, TILE_N):
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM,
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2,
                                             MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
         return acc, l_i, m_i
 
@@ -143,7 +150,8 @@ def kernels() -> SimpleNamespace:
     def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr,
                   num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,
-                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, SEGMENTS: tl.constexpr,
                   SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         pid = tl.program_id(0)
@@ -171,9 +179,10 @@ def kernels() -> SimpleNamespace:
         head = kv_head * GROUP + rows % GROUP
         row_ok = (rows < BLOCK_Q * GROUP) & (token < q_len)
         q_pos = context + token
-        d = tl.arange(0, HEAD_DIM)[None, :]
+        d = tl.arange(0, HEAD_P2)[None, :]
+        row_dims = row_ok[:, None] & (d < HEAD_DIM)  # real rows, real head dims (a padded head has zeros past it)
         flat_token = (q_begin + token).to(tl.int64)[:, None]
-        q = tl.load(q_ptr + flat_token * stride_qt + head[:, None] * stride_qh + d, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + flat_token * stride_qt + head[:, None] * stride_qh + d, mask=row_dims, other=0.0)
 
         # Keys [kv_begin, kv_end) matter to this tile; those in [full_begin, full_end) are visible to all its rows.
         min_pos = context + q_first
@@ -190,7 +199,7 @@ def kernels() -> SimpleNamespace:
         seg_lo = kv_begin + segment * seg_len
         seg_hi = tl.minimum(seg_lo + seg_len, kv_end)
 
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_P2], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0, never NaN
         k_base = cache_ptr + kv_head * stride_ch
@@ -199,40 +208,41 @@ def kernels() -> SimpleNamespace:
         if SLIDING:
             acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(kv_begin, seg_lo),
                                          tl.minimum(full_begin, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, SOFTCAP, PRECISION,
+                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING, SOFTCAP, PRECISION,
                                          INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_begin, seg_lo),
                                      tl.minimum(full_end, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, False, SLIDING, SOFTCAP, PRECISION,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, False, SLIDING, SOFTCAP, PRECISION,
                                      INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_end, seg_lo),
                                      seg_hi, kv_end, q_pos, qk_scale, window, softcap,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, True, SLIDING, SOFTCAP, PRECISION,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING, SOFTCAP, PRECISION,
                                      INTERPRET)
 
         if SEGMENTS == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + flat_token * stride_ot + head[:, None] * stride_oh + d,
-                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                     out.to(out_ptr.dtype.element_ty), mask=row_dims)
         else:
             index = (flat_token * NUM_HEADS + head[:, None]) * SEGMENTS + segment
-            tl.store(partial_ptr + index * HEAD_DIM + d, acc, mask=row_ok[:, None])
+            tl.store(partial_ptr + index * HEAD_DIM + d, acc, mask=row_dims)
             tl.store(ml_ptr + index * 2, m_i[:, None], mask=row_ok[:, None])
             tl.store(ml_ptr + index * 2 + 1, l_i[:, None], mask=row_ok[:, None])
 
     @triton.jit
     def reduce_segments(out_ptr, partial_ptr, ml_ptr, stride_ot, stride_oh, NUM_HEADS: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, SEGMENTS: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr, SEGMENTS: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         index = (token * NUM_HEADS + head) * SEGMENTS + tl.arange(0, SEGMENTS)
         m = tl.load(ml_ptr + index * 2)
         weight = tl.exp2(m - tl.max(m, 0))
         total = tl.sum(weight * tl.load(ml_ptr + index * 2 + 1), 0)
-        acc = tl.load(partial_ptr + index[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+        d = tl.arange(0, HEAD_P2)
+        acc = tl.load(partial_ptr + index[:, None] * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
         out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + tl.arange(0, HEAD_DIM),
-                 out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
 
     return SimpleNamespace(write_kv=write_kv, attention=attention, reduce_segments=reduce_segments,
                            interpret=bool(triton.knobs.runtime.interpret))
@@ -245,7 +255,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         return
     kernels().write_kv[(tokens,)](
         k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), *kv_cache.stride()[:4],
-        KV_HEADS=kv_heads, HEADS_P2=next_pow2(kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2])
+        KV_HEADS=kv_heads, HEADS_P2=next_pow2(kv_heads), HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim),
+        BLOCK_SIZE=kv_cache.shape[2])
 
 
 def next_pow2(n: int) -> int:
@@ -254,7 +265,7 @@ def next_pow2(n: int) -> int:
 
 def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileConfig:
     """Small row tiles for decode (memory-bound), large ones for prefill (compute-bound); tuned on an H100."""
-    wide = head_dim > 128
+    wide = next_pow2(head_dim) > 128
     block_m = 16 if decode else 64 if wide else 128
     tile_n = 32 if wide else 64
     stages = 3
@@ -282,13 +293,15 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
         md.seq_lens, md.block_table, num_reqs, scale / logit_softcap if logit_softcap else scale * LOG2E,
         sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), *kv_cache.stride()[:4], md.block_table.stride(0),
-        NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=cfg.block_m,
-        BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window), SOFTCAP=bool(logit_softcap),
+        NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim), BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window),
+        SOFTCAP=bool(logit_softcap),
         PRECISION="ieee" if q.dtype == torch.float32 else None, INTERPRET=kernels().interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         kernels().reduce_segments[(tokens, heads)](out, md.partial_out, md.partial_ml, out.stride(0), out.stride(1),
-                                                   NUM_HEADS=heads, HEAD_DIM=head_dim, SEGMENTS=segments)
+                                                   NUM_HEADS=heads, HEAD_DIM=head_dim,
+                                                   HEAD_P2=next_pow2(head_dim), SEGMENTS=segments)
 
 
 @functools.cache
@@ -299,12 +312,18 @@ def multiprocessor_count(device: torch.device) -> int:
 class TritonAttnBackend(AttentionBackend):
     name = "TRITON_ATTN"
     platforms = ("cuda", "rocm")
-    head_sizes = (64, 128, 256)  # powers of two: tl.arange spans the head
     block_sizes = (16, 32, 64, 128)
     required_packages = {"triton": "triton>=3.6"}
     supports_cuda_graphs = True
     supports_logit_softcap = True
     kv_segments: int | None = None  # None: chosen per batch; a power of two forces that many KV segments
+
+    @classmethod
+    def why_unsupported(cls, spec, platform: str) -> list[str]:
+        reasons = super().why_unsupported(spec, platform)
+        if not 16 <= spec.head_dim <= 256 or spec.head_dim % 8:
+            reasons.append(f"supports head sizes from 16 to 256 in steps of 8, not {spec.head_dim}")
+        return reasons
 
     def num_segments(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
         """Split the keys when decode programs (one per request and KV head) would leave most of the GPU idle."""

@@ -66,6 +66,18 @@ def test_sliding_window(device, segments, block_size):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_head_size_not_a_power_of_two(device, segments, head_dim):
+    """Phi-3's 96 and 80: the kernels pad the head to a power of two with zeros."""
+    heads, kv_heads = (32, 8) if GPU else (4, 2)
+    run_case(torch.bfloat16 if GPU else torch.float32, heads, kv_heads, head_dim, 16, scaled(MIXED),
+             segments=segments)
+    run_case(torch.bfloat16 if GPU else torch.float32, heads, kv_heads, head_dim, 32, scaled(DECODE),
+             window=40 * SCALE, segments=segments)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
 @pytest.mark.parametrize("segments", [1, 2])
 def test_softcap_and_model_scale(device, segments):
     """Gemma 2's soft-capped scores (cap 50 and a small cap that bends most scores) with a scale not 1/sqrt(d)."""

@@ -64,6 +64,27 @@ def test_qk_rotary_matches_torch_on_strided_views(dtype, tokens, heads, kv_heads
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v, beside k, is untouched
 
 
+@pytest.mark.parametrize("head_dim, rotary_factor, norms", [(96, 1.0, False), (64, 0.75, False), (128, 0.5, True)])
+def test_fused_rotary_partial_and_odd_head_sizes(head_dim, rotary_factor, norms):
+    """Phi-3's head size 96 (half 48: no power of two) and partial rotary (Phi-4-mini) through the fused path."""
+    tokens, heads, kv_heads = 5, 4, 2
+    rope = RotaryEmbedding(head_dim, 256, {"rope_theta": 10000.0, "rope_type": "default",
+                                           "partial_rotary_factor": rotary_factor}).to(DEVICE)
+    q = torch.randn(tokens, heads, head_dim, device=DEVICE)
+    k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE)
+    positions = torch.randint(0, 256, (tokens,), device=DEVICE)
+    norm_pair = (RMSNorm(head_dim, 1e-6).to(DEVICE), RMSNorm(head_dim, 1e-6).to(DEVICE)) if norms else None
+    cos_sin = (rope.cos.cpu()[positions.cpu()].unsqueeze(1), rope.sin.cpu()[positions.cpu()].unsqueeze(1), None)
+    expected_q, expected_k = RotaryEmbedding.forward(
+        cos_sin, q.cpu(), k.cpu(), tuple(_float_copy(n) for n in norm_pair) if norms else None)
+    got_q, got_k = RotaryEmbedding.forward((rope.cos, rope.sin, positions), q.clone(), k.clone(), norm_pair)
+    torch.testing.assert_close(got_q.cpu(), expected_q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k.cpu(), expected_k, atol=1e-4, rtol=1e-4)
+    rotary_dim = int(head_dim * rotary_factor)
+    if not norms:  # the dims past the rotary part pass through untouched
+        assert torch.equal(got_q[..., rotary_dim:].cpu(), q[..., rotary_dim:].cpu())
+
+
 def _float_copy(norm: RMSNorm) -> RMSNorm:
     copy = RMSNorm(norm.weight.shape[0], norm.eps, norm.offset)
     copy.weight.data = norm.weight.detach().float().cpu()
