@@ -75,6 +75,9 @@ def save_random_model(config, folder, **save_kwargs) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)  # large enough that the greedy path is not flat
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight += 1  # near 1, as trained: else the random biases decide every token
     model.save_pretrained(folder, **save_kwargs)
     load_tokenizer(find_model(None)).save_pretrained(folder)
 

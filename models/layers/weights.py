@@ -17,6 +17,8 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     params = dict(model.named_parameters(remove_duplicate=False))
     owner = {id(p): name for name, p in reversed(list(params.items()))}  # a tied tensor's first name
     loaded = set()
+    shards: dict[str, set[int]] = {}  # merged parameter -> the shards loaded so far
+    missing_shards: list[str] = []
     model_name = type(model).__name__
     for name, tensor in weights:
         module_path, _, leaf = name.rpartition(".")
@@ -29,7 +31,7 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
                                  f"(expected {target}.{leaf})")
             module = model.get_submodule(target)
             module.load_shard(shard, tensor.to(getattr(module, leaf).dtype), leaf)
-            loaded.add(f"{target}.{leaf}")
+            shards.setdefault(f"{target}.{leaf}", set()).add(shard)
             continue
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no parameter in {model_name}")
@@ -42,7 +44,16 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         with torch.no_grad():
             param.copy_(tensor)
         loaded.add(owner[id(param)])
-    missing = [name for name in dict(model.named_parameters()) if name not in loaded]
+    proj_of = {(merged, shard): proj for proj, (merged, shard) in stacked.items()}
+    for name, done in shards.items():  # a merged parameter is loaded once every shard is
+        module_path = name.rpartition(".")[0]
+        merged = module_path.rpartition(".")[2]
+        absent = [proj_of.get((merged, i), f"shard {i}")
+                  for i in range(len(model.get_submodule(module_path).shard_offsets) - 1) if i not in done]
+        loaded.add(name)
+        if absent:
+            missing_shards.append(f"{name} (no {', '.join(absent)})")
+    missing = missing_shards + [name for name in dict(model.named_parameters()) if name not in loaded]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameters of {model_name}: {shown}")
