@@ -4,7 +4,7 @@ per-head q/k norms and a rotary embedding per layer type."""
 import torch
 from torch import nn
 
-from llmserve.models.layers import Linear, RMSNorm, RotaryEmbedding, rope_parameters
+from llmserve.models.layers import RMSNorm, RotaryEmbedding, rope_parameters
 from llmserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from llmserve.plugins import hookimpl
 
@@ -14,25 +14,21 @@ def gemma_norm(config, size: int | None = None) -> RMSNorm:
 
 
 class Gemma2Attention(LlamaAttention):
-    def __init__(self, config, layer_index: int) -> None:
-        super().__init__(config, layer_index)
-        self.attn.scale = config.query_pre_attn_scalar**-0.5
-        self.attn.logit_softcap = config.attn_logit_softcapping
+    @staticmethod
+    def scale_and_softcap(config, head_dim: int) -> tuple[float, float | None]:
+        return config.query_pre_attn_scalar**-0.5, config.attn_logit_softcapping
 
 
-class Gemma3Attention(Gemma2Attention):
+class Gemma3Attention(LlamaAttention):
+    @staticmethod
+    def scale_and_softcap(config, head_dim: int) -> tuple[float, float | None]:
+        return config.query_pre_attn_scalar**-0.5, None  # HF's Gemma 3 reads attn_logit_softcapping, never applies it
+
     def __init__(self, config, layer_index: int) -> None:
         super().__init__(config, layer_index)
-        self.attn.logit_softcap = None  # HF's Gemma 3 reads attn_logit_softcapping but never applies it
         self.q_norm = gemma_norm(config, self.head_dim)
         self.k_norm = gemma_norm(config, self.head_dim)
         self.qk_norms = (self.q_norm, self.k_norm)
-
-
-class GemmaMLP(LlamaMLP):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.act = config.hidden_activation  # Gemma's name for `hidden_act`
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -43,7 +39,7 @@ class GemmaDecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = gemma_norm(config), gemma_norm(config)
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = gemma_norm(config), gemma_norm(config)
         self.self_attn = attention_cls(config, layer_index)
-        self.mlp = GemmaMLP(config)
+        self.mlp = LlamaMLP(config)
 
     def forward(self, rope, x: torch.Tensor, residual: torch.Tensor | None, attn_metadata):
         if residual is None:
@@ -84,14 +80,7 @@ class GemmaModel(nn.Module):
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
     attention_cls = Gemma2Attention
-
-    def __init__(self, hf_config, dtype: torch.dtype) -> None:
-        nn.Module.__init__(self)  # not LlamaForCausalLM's: that would build a Llama body
-        self.config = hf_config
-        self.model = GemmaModel(hf_config, self.attention_cls)
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
-        if getattr(hf_config, "tie_word_embeddings", True):
-            self.lm_head.weight = self.model.embed_tokens.weight
+    model_cls = GemmaModel
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

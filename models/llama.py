@@ -18,6 +18,11 @@ class LlamaAttention(nn.Module):
         bias = getattr(config, "attention_bias", False)
         return bias, bias
 
+    @staticmethod
+    def scale_and_softcap(config, head_dim: int) -> tuple[float, float | None]:
+        """The softmax scale and the attention logit soft-cap (None: none)."""
+        return head_dim**-0.5, None
+
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -27,8 +32,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
         self.split = [q_size, kv_size, kv_size]
-        self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
-                              layer_sliding_window(config, layer_index))
+        scale, softcap = self.scale_and_softcap(config, self.head_dim)
+        self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                              layer_sliding_window(config, layer_index), softcap)
 
     def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -42,7 +48,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.act = getattr(config, "hidden_act", "silu")
+        self.act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")  # Gemma's name
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False))
         self.down_proj = Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
 
@@ -89,11 +95,12 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     attention_cls = LlamaAttention  # a subclass's attention block (e.g. Qwen3's, with q/k norms)
+    model_cls = LlamaModel  # a subclass's body (e.g. Gemma's, with its sandwich norms)
 
     def __init__(self, hf_config, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, self.attention_cls)
+        self.model = self.model_cls(hf_config, self.attention_cls)
         self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight

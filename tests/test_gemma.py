@@ -3,16 +3,28 @@ import os
 
 import pytest
 import torch
-from conftest import assert_greedy_matches_hf, greedy, hf_greedy
+from conftest import RANDOM_MODEL_PROMPTS, assert_greedy_matches_hf, greedy, hf_greedy, hf_reference
 
 from llmserve import LLM
 from llmserve.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 
 # layers alternate local (window 8: the 90-token prompt crosses it) and global; head_dim 32 with
-# query_pre_attn_scalar 48, so the softmax scale is not head_dim ** -0.5
+# query_pre_attn_scalar 256, so the softmax scale is not head_dim ** -0.5
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=32, query_pre_attn_scalar=48, sliding_window=8, max_position_embeddings=1024,
+              head_dim=32, query_pre_attn_scalar=256, sliding_window=8, max_position_embeddings=1024,
               tie_word_embeddings=True)
+
+
+def assert_matches_hf(config, folder) -> None:
+    """Greedy tokens equal HF's (conftest), and so do their logprobs on the 90-token prompt: the final soft-cap, being
+    monotonic, changes no greedy token."""
+    assert_greedy_matches_hf(config, folder)
+    prompt, max_tokens = RANDOM_MODEL_PROMPTS[1], 6
+    llm = LLM(model=str(folder), dtype="float32")
+    ours = llm.generate([prompt], greedy(max_tokens, logprobs=1), use_tqdm=False)[0].outputs[0]
+    tokens, logprobs = hf_greedy(hf_reference(folder), prompt, max_tokens)
+    assert ours.token_ids == tokens
+    assert [step[token].logprob for step, token in zip(ours.logprobs, tokens)] == pytest.approx(logprobs, abs=1e-3)
 
 
 def gemma2_config(**overrides):
@@ -42,7 +54,7 @@ def gemma3_config(**overrides):
      "query_pre_attn_scalar": 64, "hidden_size": 64, "num_hidden_layers": 5},
 ], ids=["softcaps", "plain"])
 def test_gemma2_matches_hf(tmp_path, overrides):
-    assert_greedy_matches_hf(gemma2_config(**overrides), tmp_path)
+    assert_matches_hf(gemma2_config(**overrides), tmp_path)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -52,7 +64,7 @@ def test_gemma2_matches_hf(tmp_path, overrides):
      "num_hidden_layers": 4},
 ], ids=["rope-per-layer-type", "softcaps"])
 def test_gemma3_matches_hf(tmp_path, overrides):
-    assert_greedy_matches_hf(gemma3_config(**overrides), tmp_path)
+    assert_matches_hf(gemma3_config(**overrides), tmp_path)
 
 
 @pytest.mark.parametrize("cls, config, rotaries, softcap", [
