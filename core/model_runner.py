@@ -68,6 +68,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: str, hf_config, platform: type[Platform]) -> None:
         self.config, self.platform = config, platform
+        self.max_positions = getattr(hf_config, "max_position_embeddings", None)
         self.device = torch.device(config.device) if config.device else platform.device()
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
@@ -111,14 +112,22 @@ class ModelRunner:
         """One forward pass of max_num_batched_tokens tokens (and logits for max_num_seqs rows), so that the
         peak memory it leaves in torch's statistics tells the platform what the KV cache may take."""
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
-        num_blocks = -(-tokens // bs)
+        # requests no longer than the model allows: positions past its tables would read out of bounds
+        longest = min(tokens, self.config.max_model_len or self.max_positions or tokens)
+        lengths = np.array([longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else []))
+        blocks = -(-lengths // bs)
+        num_blocks = int(blocks.sum())
         torch.cuda.reset_peak_memory_stats(self.device)
         layers = self.layers()
         for layer in layers:
             layer.backend = self.backend
             layer.kv_cache = torch.zeros(self.backend.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device)
-        positions = torch.arange(tokens, device=self.device)
-        layout = BatchLayout(np.array([tokens]), np.array([0]), [list(range(num_blocks))], positions, bs, self.device)
+        starts = np.concatenate([[0], np.cumsum(blocks)])
+        tables = [list(range(starts[i], starts[i + 1])) for i in range(len(lengths))]
+        positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])).to(self.device)
+        slots = torch.from_numpy(np.concatenate([np.asarray(t)[np.arange(n) // bs] * bs + np.arange(n) % bs
+                                                 for t, n in zip(tables, lengths)])).to(self.device)
+        layout = BatchLayout(lengths, np.zeros_like(lengths), tables, slots, bs, self.device)
         hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=self.device), positions,
                             self.backend.build_metadata(layout))
         rows = min(self.config.max_num_seqs, tokens)
