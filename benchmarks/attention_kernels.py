@@ -85,7 +85,7 @@ class Setup:
         self.k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         self.v = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         self.out = torch.empty_like(self.q)
-        self.layer = SimpleNamespace(scale=HEAD_DIM**-0.5, sliding_window=None)
+        self.layer = SimpleNamespace(scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None)
         self.batch, self.seq_len, self.query_len = batch, seq_len, query_len
 
     def forward(self) -> torch.Tensor:
