@@ -3,8 +3,7 @@ positions, pre-norm LayerNorm blocks, fused q/k/v, tied head; checkpoints keep C
 import torch
 from torch import nn
 
-from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import Attention, Linear, activation, attention_spec, load_checkpoint
+from llmserve.models.layers import Attention, CausalLM, Linear, activation, load_checkpoint
 from llmserve.plugins import hookimpl
 
 CONV1D = ("c_attn", "c_proj", "c_fc")  # HF Conv1D modules: their weights are nn.Linear's transposed
@@ -53,7 +52,7 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     """HF's `transformer.*` modules held directly (load_weights drops the prefix), and `lm_head`."""
 
     def __init__(self, hf_config, dtype: torch.dtype) -> None:
@@ -69,17 +68,11 @@ class GPT2LMHeadModel(nn.Module):
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def attention_spec(self, block_size: int) -> AttentionSpec:
-        return attention_spec(self, block_size)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
             x = block(x, attn_metadata)
         return self.ln_f(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def load_weights(self, weights) -> None:
         def renamed():

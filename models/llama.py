@@ -3,9 +3,8 @@ this layout with other biases, windows, norms or rotary settings."""
 import torch
 from torch import nn
 
-from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import (Attention, Linear, MergedLinear, RMSNorm, RotaryEmbedding, act_and_mul,
-                                    attention_spec, layer_sliding_window, load_checkpoint, rope_parameters)
+from llmserve.models.layers import (Attention, CausalLM, Linear, MergedLinear, RMSNorm, RotaryEmbedding, act_and_mul,
+                                    layer_sliding_window, load_checkpoint, rope_parameters)
 from llmserve.plugins import hookimpl
 
 
@@ -93,7 +92,7 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     attention_cls = LlamaAttention  # a subclass's attention block (e.g. Qwen3's, with q/k norms)
     model_cls = LlamaModel  # a subclass's body (e.g. Gemma's, with its sandwich norms)
 
@@ -105,14 +104,8 @@ class LlamaForCausalLM(nn.Module):
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def attention_spec(self, block_size: int) -> AttentionSpec:
-        return attention_spec(self, block_size)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def load_weights(self, weights) -> None:
         load_checkpoint(self, ((name, tensor) for name, tensor in weights if "rotary_emb.inv_freq" not in name))

@@ -5,8 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmserve.interfaces import AttentionSpec
-from llmserve.models.layers import Attention, Linear, MergedLinear, activation, attention_spec, load_checkpoint
+from llmserve.models.layers import Attention, CausalLM, Linear, MergedLinear, activation, load_checkpoint
 from llmserve.plugins import hookimpl
 
 POSITION_OFFSET = 2  # OPT's position embedding row for position p is p + 2 (a fairseq legacy)
@@ -74,7 +73,7 @@ class OPTDecoder(nn.Module):
         return x
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
     def __init__(self, hf_config, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = hf_config
@@ -83,14 +82,8 @@ class OPTForCausalLM(nn.Module):
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed_tokens.weight
 
-    def attention_spec(self, block_size: int) -> AttentionSpec:
-        return attention_spec(self, block_size)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         return self.decoder(input_ids, positions, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
 
     def load_weights(self, weights) -> None:
         # HF checkpoints name `model.decoder.*`, the original OPT ones `decoder.*`

@@ -1,10 +1,12 @@
 """OPT and GPT-2 on random weights against HF transformers, and their checkpoint names."""
+import json
 import re
 
 import pytest
 import torch
-from conftest import assert_greedy_matches_hf, save_random_model
+from conftest import assert_greedy_matches_hf, greedy, save_random_model
 
+from llmserve import LLM
 from llmserve.loader import iter_weights
 from llmserve.models.gpt2 import GPT2LMHeadModel
 from llmserve.models.opt import OPTForCausalLM
@@ -103,3 +105,21 @@ def test_missing_or_extra_tensor_is_named(tmp_path, cls, config, dropped, extra,
 def test_gpt2_refuses_cross_attention():
     with pytest.raises(ValueError, match="add_cross_attention"):
         GPT2LMHeadModel(gpt2_config(add_cross_attention=True), torch.float32)
+
+
+def test_model_without_chat_template_refuses_chat_unless_given_one(tmp_path):
+    """OPT and GPT-2 ship no chat template: chat is a clear error, and works once a template is given."""
+
+    save_random_model(opt_config(), tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = tmp_path / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "chat_template"}))
+    messages = [{"role": "user", "content": "Hello"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        LLM(model=str(tmp_path), dtype="float32").chat(messages)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    llm = LLM(model=str(tmp_path), dtype="float32", chat_template=template)
+    out = llm.chat(messages, greedy(3))[0]
+    assert llm.engine.tokenizer.decode(out.prompt_token_ids) == "user: Hello\nassistant:"
+    assert len(out.outputs[0].token_ids) == 3
