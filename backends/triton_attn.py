@@ -86,7 +86,8 @@ def kernels() -> SimpleNamespace:
     def attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos, qk_scale, window, softcap,
                     stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HEAD_P2: tl.constexpr,
-                    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                    INTERPRET: tl.constexpr):
         """One online-softmax step over keys start:start+TILE_N; MASKED applies causality, window, sequence end."""
         key = start + tl.arange(0, TILE_N)
         d = tl.arange(0, HEAD_P2)[None, :]  # a head size that is no power of two is padded with zeros
@@ -133,13 +134,15 @@ def kernels() -> SimpleNamespace:
             start = lo
             while start < hi:
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2,
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N,
+                                            HEAD_DIM, HEAD_P2,
                                             MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
                 start += TILE_N
         else:
             for start in range(lo, hi, TILE_N):
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2,
+                                            qk_scale, window, softcap, stride_cb, stride_ct, BLOCK_SIZE, TILE_N,
+                                            HEAD_DIM, HEAD_P2,
                                             MASKED, SLIDING, SOFTCAP, PRECISION, INTERPRET)
         return acc, l_i, m_i
 
@@ -208,15 +211,18 @@ def kernels() -> SimpleNamespace:
         if SLIDING:
             acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(kv_begin, seg_lo),
                                          tl.minimum(full_begin, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING, SOFTCAP, PRECISION,
+                                         stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING,
+                                         SOFTCAP, PRECISION,
                                          INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_begin, seg_lo),
                                      tl.minimum(full_end, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, False, SLIDING, SOFTCAP, PRECISION,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, False, SLIDING,
+                                     SOFTCAP, PRECISION,
                                      INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_end, seg_lo),
                                      seg_hi, kv_end, q_pos, qk_scale, window, softcap,
-                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING, SOFTCAP, PRECISION,
+                                     stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING,
+                                     SOFTCAP, PRECISION,
                                      INTERPRET)
 
         if SEGMENTS == 1:
