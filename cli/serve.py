@@ -1,5 +1,6 @@
 """`llm serve`: the OpenAI-compatible server on one engine."""
 import contextlib
+import json
 import logging
 import signal
 from importlib.metadata import version
@@ -12,43 +13,93 @@ from llmserve.async_engine import AsyncEngine
 from llmserve.cli.engine_options import build_engine, engine_command
 from llmserve.cli.main import app
 from llmserve.loader import DEFAULT_MODEL
+from llmserve.server.protocol import RequestLimits
 
 SHUTDOWN_GRACE_SECONDS = 5  # in-flight requests get this long to finish after SIGINT/SIGTERM, then are aborted
+LIMITS = RequestLimits()
+
+
+def server_option(help: str, **kwargs) -> typer.Option:
+    return typer.Option(help=help, rich_help_panel="Server", **kwargs)
 
 
 @app.command()
 @engine_command
 def serve(
-    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help=f"HF folder, .gguf file or hub id (default: the embedded "
-                                                        f"{DEFAULT_MODEL}).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only, "
-                                           "0.0.0.0 serves the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[list[str]], typer.Option(
-        envvar="LLMSERVE_API_KEY", help="Key clients must send as 'Authorization: Bearer KEY' on /v1 routes "
-                                        "(repeatable; LLMSERVE_API_KEY may hold several, space-separated).")] = None,
-    served_model_name: Annotated[Optional[list[str]], typer.Option(
-        help="Name(s) clients use for the model (repeatable; default: MODEL).")] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help=f"HF folder, .gguf file or hub id (default: the "
+                                                        f"embedded {DEFAULT_MODEL}).")] = None,
+    model_option: Annotated[Optional[str], typer.Option("--model", help="MODEL, as vLLM's --model.")] = None,
+    host: Annotated[str, server_option("Address to bind; the default serves this machine only, 0.0.0.0 serves the "
+                                       "network.")] = "127.0.0.1",
+    port: Annotated[int, server_option("Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[list[str]], server_option(
+        "Key clients must send as 'Authorization: Bearer KEY' on /v1 routes; several after one flag (--api-key k1 k2) "
+        "or the flag repeated; LLMSERVE_API_KEY or VLLM_API_KEY may hold several, space-separated.",
+        envvar=["LLMSERVE_API_KEY", "VLLM_API_KEY"])] = None,
+    served_model_name: Annotated[Optional[list[str]], server_option(
+        "Name(s) clients use for the model (repeatable; default: MODEL).")] = None,
+    allowed_origins: Annotated[Optional[list[str]], server_option(
+        "CORS: origins whose browser pages may call the server (repeatable or a JSON list, '*' for any); default: "
+        "none, no CORS headers.")] = None,
+    allowed_methods: Annotated[Optional[list[str]], server_option("CORS: allowed methods (default: all).")] = None,
+    allowed_headers: Annotated[Optional[list[str]], server_option("CORS: allowed headers (default: all).")] = None,
+    allow_credentials: Annotated[bool, server_option("CORS: allow credentials (cookies).")] = False,
+    ssl_keyfile: Annotated[Optional[str], server_option("TLS private key file (with --ssl-certfile: HTTPS).")] = None,
+    ssl_certfile: Annotated[Optional[str], server_option("TLS certificate file.")] = None,
+    root_path: Annotated[str, server_option("URL prefix a reverse proxy adds in front of the server.")] = "",
+    max_n: Annotated[int, server_option("The most choices (n) one request may ask for.")] = LIMITS.max_n,
+    max_prompts_per_request: Annotated[int, server_option(
+        "The most prompts in one /v1/completions request.")] = LIMITS.max_prompts,
+    max_stop_strings: Annotated[int, server_option("The most stop strings in one request.")] = LIMITS.max_stop_strings,
+    max_stop_string_chars: Annotated[int, server_option(
+        "The longest stop string, in characters.")] = LIMITS.max_stop_string_chars,
+    max_request_tokens: Annotated[int, server_option(
+        "The most tokens one request may ask to generate: n x max_tokens over its prompts (without max_tokens, the "
+        "rest of the context).")] = LIMITS.max_request_tokens,
+    allow_unknown_fields: Annotated[bool, server_option(
+        "Drop request fields the server does not know, with a warning in the log, as vLLM does (default: refuse "
+        "them with a 400 naming the field).")] = False,
     *, engine_args: dict,
 ) -> None:
     """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), plus /health,
     /metrics, /tokenize, /detokenize and /version."""
-    from llmserve.server.app import create_app
+    from llmserve.server.app import CorsSettings, create_app
 
+    if model and model_option and model != model_option:
+        raise typer.BadParameter(f"MODEL {model!r} and --model {model_option!r} differ", param_hint="--model")
+    model = model or model_option
+    if bool(ssl_keyfile) != bool(ssl_certfile):
+        raise typer.BadParameter("give both --ssl-keyfile and --ssl-certfile", param_hint="--ssl-certfile")
+    keys = [key for value in api_key or [] for key in value.split()]
     engine = build_engine(AsyncEngine, model, engine_args)
     names = served_model_name or [model or DEFAULT_MODEL]
     core = engine.engine
+    limits = RequestLimits(max_n, max_prompts_per_request, max_stop_strings, max_stop_string_chars,
+                           core.config.max_logprobs, max_request_tokens, allow_unknown_fields)
+    cors = CorsSettings(json_list(allowed_origins), json_list(allowed_methods) or ["*"],
+                        json_list(allowed_headers) or ["*"], allow_credentials)
+    scheme = "https" if ssl_certfile else "http"
     typer.echo(f"llmserve {version('llmserve')}: model {names[0]} ({core.model_path}), platform {core.platform.name}, "
                f"attention backend {core.runner.backend.name}, dtype {str(core.runner.dtype).removeprefix('torch.')}, "
                f"max_model_len {core.max_model_len}")
-    typer.echo(f"listening on http://{host}:{port} (OpenAI API under /v1){', API key required' if api_key else ''}")
-    config = uvicorn.Config(create_app(engine, names, api_key or []), host=host, port=port,
-                            log_level=logging.getLogger().level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    typer.echo(f"listening on {scheme}://{host}:{port}{root_path} (OpenAI API under /v1)"
+               f"{', API key required' if keys else ''}")
+    config = uvicorn.Config(create_app(engine, names, keys, limits, cors, root_path), host=host, port=port,
+                            log_level=logging.getLogger().level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)
     try:
         GracefulServer(config).run()
     finally:
         engine.shutdown()
     typer.echo("llmserve stopped")
+
+
+def json_list(values: list[str] | None) -> list[str]:
+    """Values of a repeatable option, where one may also be a JSON list (vLLM's --allowed-origins '["*"]')."""
+    result = []
+    for value in values or []:
+        result += json.loads(value) if value.startswith("[") else [value]
+    return result
 
 
 class GracefulServer(uvicorn.Server):
@@ -63,4 +114,3 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-

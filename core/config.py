@@ -7,6 +7,23 @@ DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bf
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
 
+# vLLM engine argument -> (the values llmserve supports today, why / what instead)
+SUPPORTED_ONLY = {
+    "trust_remote_code": ((False,), "llmserve runs its own implementation of each architecture and never runs a "
+                                    "checkpoint's code; supported: False"),
+    "revision": ((None,), "hub downloads take the default branch; give a local folder for another revision"),
+    "tokenizer_revision": ((None,), "hub downloads take the default branch; give a local tokenizer folder"),
+    "download_dir": ((None,), "hub downloads go to the Hugging Face cache (HF_HOME moves it)"),
+    "tokenizer_mode": (("auto",), "supported: 'auto' (transformers' fast tokenizer where the model has one)"),
+    "enable_chunked_prefill": ((None, True), "prefill is always chunked under max_num_batched_tokens; supported: "
+                                             "True"),
+    "quantization": ((None,), "quantized weights are not supported yet; GGUF files are dequantized on load"),
+    "kv_cache_dtype": (("auto",), "the KV cache has the model's dtype; supported: 'auto'"),
+    "tensor_parallel_size": ((1,), "one device per engine today; supported: 1"),
+    "pipeline_parallel_size": ((1,), "one device per engine today; supported: 1"),
+}
+
+
 @dataclass
 class EngineConfig:
     """Everything an engine is built from; values are checked when it is made."""
@@ -30,6 +47,19 @@ class EngineConfig:
     device: str | None = None  # None: the detected platform's device
     enforce_eager: bool = False  # True: no CUDA graphs
     async_scheduling: bool | None = None  # launch decode step N+1 before reading step N's tokens; None: on GPUs
+    max_logprobs: int = 20  # the most logprobs (and prompt logprobs) a request may ask for
+    # vLLM's engine arguments that llmserve takes only with the values in SUPPORTED_ONLY (checked below)
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None
+    tokenizer_mode: str = "auto"
+    enable_chunked_prefill: bool | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    disable_log_stats: bool = False  # llmserve logs no periodic statistics: True and False both hold
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -47,13 +77,16 @@ class EngineConfig:
         check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
         check(self.load_format != "gguf" or str(self.model).endswith(".gguf"), "load_format",
               f"'gguf' needs a .gguf model file (model={self.model!r})")
+        check(self.max_logprobs >= 0, "max_logprobs", "must be >= 0")
+        for name, (supported, why) in SUPPORTED_ONLY.items():
+            check(getattr(self, name) in supported, name, f"is not supported with this value yet ({why})")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; llmserve takes: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
 

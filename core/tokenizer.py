@@ -1,6 +1,7 @@
 """Tokenizer helpers: chat templates, incremental detokenization and stop strings."""
 import os
 
+from llmserve.errors import ParamError
 from llmserve.request import Request
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so its first word gets the right spacing
@@ -20,8 +21,13 @@ def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str 
         raise ValueError("chat needs a tokenizer; the engine runs without one (skip_tokenizer_init)")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template; pass chat_template (a Jinja template string or file)")
-    text = tokenizer.apply_chat_template(conversation, chat_template=load_chat_template(chat_template), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(conversation, chat_template=load_chat_template(chat_template),
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # the template's own checks (roles must alternate, no system role, ...)
+        raise ParamError("messages", f"the chat template refused these messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

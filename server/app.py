@@ -16,16 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from llmserve.async_engine import AsyncEngine, EngineDeadError, EngineFault, RequestStream
+from llmserve.errors import ParamError
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 from llmserve.server.metrics import Metrics
-from llmserve.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
-                                      TokenizeRequest)
+from llmserve.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestLimits,
+                                      SamplingRequest, TokenizeRequest)
 from llmserve.server.render import ChatRenderer, CompletionRenderer, Renderer
 from llmserve.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 8 << 20
+REQUEST_ID_CHARS = 128  # a longer X-Request-Id is cut, one with other than [A-Za-z0-9._-] replaced
 REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)  # named by engine errors
 
 
@@ -47,6 +49,8 @@ def error_for(e: Exception) -> APIError:
     """The API error for an exception raised while serving: bad input is 400, the rest is the engine's fault."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ParamError):
+        return APIError(400, str(e), e.field)
     if isinstance(e, ValueError):
         field = str(e).split(" ", 1)[0]
         return APIError(400, str(e), field if field in REQUEST_FIELDS else None)
@@ -58,20 +62,34 @@ def error_for(e: Exception) -> APIError:
 
 
 class Guard:
-    """ASGI middleware: API keys on /v1 routes (constant-time compare) and a bound on body size."""
+    """ASGI middleware: API keys on /v1 routes (constant-time compare; a CORS preflight needs none), a bound on body
+    size, and one request id (the client's X-Request-Id, else a new one) for the engine, the logs and the reply."""
 
     def __init__(self, app, api_keys: list[str]) -> None:
         self.app, self.keys = app, [k.encode() for k in api_keys]
 
     def authorized(self, header: bytes | None) -> bool:
-        token = header[7:] if header and header.startswith(b"Bearer ") else b""
+        scheme, _, token = (header or b"").partition(b" ")
+        token = token.strip() if scheme.lower() == b"bearer" else b""
         return any([secrets.compare_digest(token, key) for key in self.keys])  # compares with every key
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.keys and scope["path"].startswith("/v1") and not self.authorized(headers.get(b"authorization")):
+        request_id = clean_request_id(headers.get(b"x-request-id")) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.guarded(scope, receive, send_with_id, headers)
+
+    async def guarded(self, scope, receive, send, headers: dict) -> None:
+        needs_key = self.keys and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS"
+        if needs_key and not self.authorized(headers.get(b"authorization")):
             return await error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
                                         code="invalid_api_key")(scope, receive, send)
         too_large = error_response(413, f"request body is larger than {MAX_REQUEST_BYTES} bytes",
@@ -101,11 +119,17 @@ class Guard:
         await self.app(scope, replay, send)
 
 
+def clean_request_id(raw: bytes | None) -> str:
+    text = (raw or b"").decode("latin-1")[:REQUEST_ID_CHARS]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
 @dataclass
 class Server:
     engine: AsyncEngine
     model_names: list[str]
     metrics: Metrics
+    limits: RequestLimits
 
     @property
     def model_name(self) -> str:
@@ -116,8 +140,14 @@ class Server:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_names}",
                            "model", "model_not_found")
 
-    def start(self, kind: str, prompts: list, token_ids: list[list[int]], params: SamplingParams) -> RequestStream:
-        return self.engine.add_requests(f"{kind}-{uuid.uuid4().hex}", prompts, params, token_ids)
+    def start(self, request_id: str, prompts: list, token_ids: list[list[int]], params: SamplingParams) -> RequestStream:
+        return self.engine.add_requests(request_id, prompts, params, token_ids)
+
+    def check(self, body: SamplingRequest, request_id: str, token_ids: list[list[int]], max_tokens: int | None,
+              logprobs: int | None) -> None:
+        body.check(self.limits, [len(t) for t in token_ids], max_tokens, logprobs, self.engine.engine.max_model_len)
+        if body.unknown_fields():
+            logger.warning("request %s: dropped unknown fields %s", request_id, body.unknown_fields())
 
     async def respond(self, raw: Request, body: SamplingRequest, stream: RequestStream, renderer: Renderer):
         if body.stream:
@@ -176,9 +206,21 @@ async def until_disconnected(raw: Request, work, stream: RequestStream):
     return Response(status_code=499)
 
 
-def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] = ()) -> FastAPI:
-    app = FastAPI(title="llmserve", version=version("llmserve"))
-    server = Server(engine, model_names, Metrics(engine))
+@dataclass
+class CorsSettings:
+    allowed_origins: list[str]
+    allowed_methods: list[str]
+    allowed_headers: list[str]
+    allow_credentials: bool = False
+
+
+def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] = (),
+               limits: RequestLimits | None = None, cors: CorsSettings | None = None, root_path: str = "") -> FastAPI:
+    """The app; `cors` with no allowed origin (the default) adds no CORS headers, so browsers of other sites cannot
+    call the server."""
+    app = FastAPI(title="llmserve", version=version("llmserve"), root_path=root_path)
+    limits = limits or RequestLimits(max_logprobs=engine.engine.config.max_logprobs)
+    server = Server(engine, model_names, Metrics(engine), limits)
     app.state.server = server
     core = engine.engine
 
@@ -245,14 +287,14 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         server.check_model(body.model)
         if body.suffix is not None:
             raise APIError(400, "suffix is not supported", "suffix")
-        prompts = body.prompts()
-        if not prompts:
-            raise APIError(400, "prompt is empty", "prompt")
+        prompts = body.prompts(server.limits)
+        token_ids = [core.tokenize(p) for p in prompts]
+        request_id = f"cmpl-{raw.state.request_id}"
+        server.check(body, request_id, token_ids, body.max_tokens, body.logprobs)
         prompt_logprobs = body.logprobs if body.echo else None
         params = body.to_sampling_params(core.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
-        token_ids = [core.tokenize(p) for p in prompts]
-        stream = server.start("cmpl", prompts, token_ids, params)
-        renderer = CompletionRenderer(server.model_name, core.tokenizer, token_ids, params, body.echo)
+        stream = server.start(request_id, prompts, token_ids, params)
+        renderer = CompletionRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.echo)
         return await server.respond(raw, body, stream, renderer)
 
     @app.post("/v1/chat/completions")
@@ -262,11 +304,19 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         token_ids = [apply_chat_template(core.tokenizer, conversation, core.chat_template, body.add_generation_prompt)]
         max_tokens = body.max_completion_tokens or body.max_tokens or core.sampling_defaults.get("max_tokens")
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        request_id = f"chatcmpl-{raw.state.request_id}"
+        server.check(body, request_id, token_ids, max_tokens, top_logprobs)
         params = body.to_sampling_params(core.sampling_defaults, max_tokens, top_logprobs)
-        stream = server.start("chatcmpl", token_ids, token_ids, params)
-        renderer = ChatRenderer(server.model_name, core.tokenizer, token_ids, params, body.logprobs)
+        stream = server.start(request_id, token_ids, token_ids, params)
+        renderer = ChatRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.logprobs)
         return await server.respond(raw, body, stream, renderer)
 
     app.add_middleware(Guard, api_keys=list(api_keys))
+    if cors and cors.allowed_origins:  # added last: outermost, so a preflight is answered before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
+                           expose_headers=["X-Request-Id"])
     return app
 

@@ -1,16 +1,49 @@
-"""The OpenAI request bodies the server accepts (pydantic), and how they become SamplingParams."""
-from typing import Literal
+"""The OpenAI request bodies the server accepts (pydantic), the bounds it puts on them, and how they become
+SamplingParams. A field the server does not honour is refused by name, never dropped."""
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from llmserve.errors import ParamError
 from llmserve.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+@dataclass
+class RequestLimits:
+    """What one request may ask of the engine (flags of `llm serve`)."""
+
+    max_n: int = 128
+    max_prompts: int = 256  # prompts in one /v1/completions request
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 1024
+    max_logprobs: int = 20  # logprobs / top_logprobs (the engine's max_logprobs)
+    max_request_tokens: int = 1 << 18  # n x max_tokens summed over the prompts (no max_tokens: the context)
+    allow_unknown_fields: bool = False  # vLLM's behaviour: log and drop fields the server does not know
+
+
+class Strict(BaseModel):
+    """Nested objects: an unknown field is an error; numbers must be finite (JSON's 1e309 is infinity)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are kept aside so the server can name them in its refusal (or, with
+    allow_unknown_fields, log them)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    def unknown_fields(self) -> list[str]:
+        return list(self.model_extra or {})
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(Body):
     """Fields shared by /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
     model: str | None = None
@@ -23,7 +56,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: str | None = None  # the caller's end-user id (OpenAI's abuse tracking): recorded nowhere, asks nothing
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -36,6 +69,30 @@ class SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check(self, limits: RequestLimits, prompt_lengths: list[int], max_tokens: int | None, logprobs: int | None,
+              max_model_len: int) -> None:
+        """The bounds of `limits`, each refusal naming its field."""
+        unknown = self.unknown_fields()
+        if unknown and not limits.allow_unknown_fields:
+            raise ParamError(unknown[0], f"{unknown[0]} is not supported by this server (unknown fields are refused, "
+                                         "not ignored; `llm serve --allow-unknown-fields` drops them instead)")
+        if not 1 <= self.n <= limits.max_n:
+            raise ParamError("n", f"n must be between 1 and {limits.max_n}, got {self.n}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > limits.max_stop_strings:
+            raise ParamError("stop", f"stop has {len(stops)} strings, more than {limits.max_stop_strings}")
+        if any(len(s) > limits.max_stop_string_chars for s in stops):
+            raise ParamError("stop", f"a stop string is longer than {limits.max_stop_string_chars} characters")
+        if logprobs is not None and logprobs > limits.max_logprobs:
+            raise ParamError(self.logprobs_field, f"{self.logprobs_field} must be at most {limits.max_logprobs}, "
+                                                  f"got {logprobs}")
+        total = sum(self.n * (max_tokens or max(max_model_len - length, 0)) for length in prompt_lengths)
+        if total > limits.max_request_tokens:
+            raise ParamError("max_tokens", f"the request asks for up to {total} tokens (n x max_tokens over its "
+                                           f"prompts), more than this server's {limits.max_request_tokens}")
+
+    logprobs_field: ClassVar[str] = "logprobs"
 
     def to_sampling_params(self, defaults: dict, max_tokens: int | None, logprobs: int | None = None,
                            prompt_logprobs: int | None = None) -> SamplingParams:
@@ -54,27 +111,64 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
 
-    def prompts(self) -> list[str | list[int]]:
+    def prompts(self, limits: RequestLimits) -> list[str | list[int]]:
         p = self.prompt
-        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise ParamError("prompt", "prompt is empty")
+        if len(prompts) > limits.max_prompts:
+            raise ParamError("prompt", f"prompt has {len(prompts)} prompts, more than {limits.max_prompts}")
+        return prompts
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
 
     def to_template_input(self) -> dict:
+        """The message as chat templates read it (tool calls with their arguments parsed, as HF templates expect)."""
         content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for i, call in enumerate(self.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError as e:
+                    raise ParamError(f"messages.tool_calls.{i}.function.arguments",
+                                     f"tool call arguments must be JSON text: {e}") from None
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            message["tool_calls"] = calls
+        return message
 
 
 class ChatRequest(SamplingRequest):
@@ -82,17 +176,19 @@ class ChatRequest(SamplingRequest):
     max_tokens: int | None = None  # None: up to the context length
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
 
+    logprobs_field: ClassVar[str] = "top_logprobs"
 
-class TokenizeRequest(BaseModel):
+
+class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]

@@ -1,6 +1,5 @@
 """Engine outputs as OpenAI response bodies and stream chunks (completions and chat completions)."""
 import time
-import uuid
 
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.sampling_params import SamplingParams
@@ -12,18 +11,21 @@ MIN_LOGPROB = -9999.0  # JSON has no -inf
 class Renderer:
     """Shared by both APIs: ids, usage, and the deltas each stream chunk carries."""
 
-    prefix = object_name = chunk_object = ""
+    object_name = chunk_object = ""
 
-    def __init__(self, model: str, tokenizer, prompt_token_ids: list[list[int]], params: SamplingParams) -> None:
+    def __init__(self, request_id: str, model: str, tokenizer, prompt_token_ids: list[list[int]],
+                 params: SamplingParams) -> None:
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.prompt_token_ids = prompt_token_ids
-        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.id, self.created = request_id, int(time.time())
         self.sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, choice) -> (chars, tokens) sent
 
     def usage(self, outputs: list[RequestOutput]) -> dict:
         prompt = sum(len(ids) for ids in self.prompt_token_ids)
         completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(o.num_cached_tokens for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def envelope(self, object_name: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
@@ -60,10 +62,10 @@ def logprob_value(value: float) -> float:
 
 
 class CompletionRenderer(Renderer):
-    prefix, object_name, chunk_object = "cmpl", "text_completion", "text_completion"
+    object_name, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, model, tokenizer, prompt_token_ids, params, echo: bool) -> None:
-        super().__init__(model, tokenizer, prompt_token_ids, params)
+    def __init__(self, request_id, model, tokenizer, prompt_token_ids, params, echo: bool) -> None:
+        super().__init__(request_id, model, tokenizer, prompt_token_ids, params)
         self.echo = echo
 
     def choice_index(self, index: int, c: CompletionOutput) -> int:
@@ -99,10 +101,10 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
-    prefix, object_name, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    object_name, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model, tokenizer, prompt_token_ids, params, logprobs: bool) -> None:
-        super().__init__(model, tokenizer, prompt_token_ids, params)
+    def __init__(self, request_id, model, tokenizer, prompt_token_ids, params, logprobs: bool) -> None:
+        super().__init__(request_id, model, tokenizer, prompt_token_ids, params)
         self.want_logprobs = logprobs
 
     def choice(self, index, output, c) -> dict:
