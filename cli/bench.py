@@ -42,8 +42,9 @@ def read_prompt_file(path: str, num_prompts: int) -> list[str]:
 
 
 def wait_for_server(url: str, timeout: float, process: subprocess.Popen | None = None,
-                    headers: dict | None = None) -> None:
-    """Poll GET `url` until it answers 200; fail when `timeout` passes or the server `process` exits."""
+                    headers: dict | None = None, verify: bool | str = True) -> None:
+    """Poll GET `url` until it answers 200; fail when `timeout` passes or the server `process` exits. `verify`: an
+    https server's CA bundle (httpx's verify)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -51,7 +52,7 @@ def wait_for_server(url: str, timeout: float, process: subprocess.Popen | None =
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode}")
         try:
-            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+            if httpx.get(url, headers=headers, timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

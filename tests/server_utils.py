@@ -20,18 +20,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict | None = None, scheme: str = "http", verify: bool | str = True) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         command = [sys.executable, "-m", "llmserve.cli", "serve", "--port", str(self.port), *SERVER_ARGS, *args]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        self.wait_ready()
+                                        env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}))
+        self.wait_ready(verify=verify)
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120, verify: bool | str = True) -> None:
         try:
-            wait_for_server(f"{self.url}/health", timeout, self.process)
+            wait_for_server(f"{self.url}/health", timeout, self.process, verify=verify)
         except (RuntimeError, TimeoutError) as e:
             raise RuntimeError(f"{e}:\n{self.output()}") from None
 
