@@ -48,6 +48,8 @@ def collect() -> dict:
         "platforms": [describe(r) | {"active": r.name == platform.name} for r in reg.of("platform").values()],
         "attention_backends": [describe_backend(r, spec, platform.name) for r in reg.of("attention_backend").values()],
         "models": [describe(r) for r in reg.of("model").values()],
+        "tool_parsers": [describe(r) for r in reg.of("tool_parser").values()],
+        "reasoning_parsers": [describe(r) for r in reg.of("reasoning_parser").values()],
         "failures": [failure(plugin, error) for plugin, error in reg.failures.items()],
     }
 
@@ -65,7 +67,9 @@ def render(listing: dict) -> str:
     backends = listing["attention_backends"]
     for backend, row in zip(backends, rows(backends, lambda e: "ok  " if e["available"] else "no  "), strict=True):
         lines += [row, *(f"        - {reason}" for reason in backend["reasons"])]
-    lines += ["Model architectures:", *rows(listing["models"])]
+    lines += ["Model architectures:", *rows(listing["models"]), "Tool-call parsers (--tool-call-parser):",
+              *rows(listing["tool_parsers"]), "Reasoning parsers (--reasoning-parser):",
+              *rows(listing["reasoning_parsers"])]
     if listing["failures"]:
         lines.append("Plugins that failed to load (skipped):")
     for f in listing["failures"]:
@@ -76,7 +80,7 @@ def render(listing: dict) -> str:
 
 @app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False) -> None:
-    """List platforms, attention backends and model architectures, with the package that provides each."""
+    """List platforms, attention backends, model architectures and parsers, with the package that provides each."""
     try:
         listing = collect()
     except RuntimeError as e:  # e.g. two plugins registering one name

@@ -56,6 +56,13 @@ def serve(
     max_request_tokens: Annotated[int, server_option(
         "The most tokens one request may ask to generate: n x max_tokens over its prompts (without max_tokens, the "
         "rest of the context).")] = LIMITS.max_request_tokens,
+    enable_auto_tool_choice: Annotated[bool, server_option(
+        "Let the model decide when to call tools (tool_choice 'auto'); needs --tool-call-parser.")] = False,
+    tool_call_parser: Annotated[Optional[str], server_option(
+        "How the model writes tool calls: hermes (Qwen2.5, Qwen3), llama3_json, mistral (`llm plugins` lists all).")
+    ] = None,
+    reasoning_parser: Annotated[Optional[str], server_option(
+        "Split the model's reasoning from its answer into message.reasoning: qwen3, deepseek_r1.")] = None,
     allow_unknown_fields: Annotated[bool, server_option(
         "Drop request fields the server does not know, with a warning in the log, as vLLM does (default: refuse "
         "them with a 400 naming the field).")] = False,
@@ -63,7 +70,7 @@ def serve(
 ) -> None:
     """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), plus /health,
     /metrics, /tokenize, /detokenize and /version."""
-    from llmserve.server.app import CorsSettings, create_app
+    from llmserve.server.app import ChatParsing, CorsSettings, create_app
 
     if model and model_option and model != model_option:
         raise typer.BadParameter(f"MODEL {model!r} and --model {model_option!r} differ", param_hint="--model")
@@ -71,6 +78,10 @@ def serve(
     if bool(ssl_keyfile) != bool(ssl_certfile):
         raise typer.BadParameter("give both --ssl-keyfile and --ssl-certfile", param_hint="--ssl-certfile")
     keys = [key for value in api_key or [] for key in value.split()]
+    try:
+        parsing = ChatParsing(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--tool-call-parser / --reasoning-parser") from None
     engine = build_engine(AsyncEngine, model, engine_args)
     names = served_model_name or [model or DEFAULT_MODEL]
     core = engine.engine
@@ -84,7 +95,7 @@ def serve(
                f"max_model_len {core.max_model_len}")
     typer.echo(f"listening on {scheme}://{host}:{port}{root_path} (OpenAI API under /v1)"
                f"{', API key required' if keys else ''}")
-    config = uvicorn.Config(create_app(engine, names, keys, limits, cors, root_path), host=host, port=port,
+    config = uvicorn.Config(create_app(engine, names, keys, limits, cors, root_path, parsing), host=host, port=port,
                             log_level=logging.getLogger().level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)
     try:

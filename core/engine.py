@@ -3,6 +3,7 @@ import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,7 +16,11 @@ from llmserve.plugins.select import current_platform
 from llmserve.request import Request
 from llmserve.sampling_params import SamplingParams
 from llmserve.scheduler import ScheduledBatch, Scheduler
+from llmserve.structured_outputs import GrammarCompiler, accept_grammar_token, new_matcher
 from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template
+
+if TYPE_CHECKING:
+    import xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self.eos_token_ids = self.find_eos_token_ids()
         self.vocab_size = self.hf_config.vocab_size
+        self.grammar_compiler = (GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                                 if self.tokenizer is not None else None)
         self.ids = itertools.count()
         self.inflight: Launched | None = None  # a launched continuation step, not yet read
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -108,6 +115,45 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; the engine runs without one (skip_tokenizer_init)")
         if (params.logprobs or 0) > 20 or (params.prompt_logprobs or 0) > 20:
             raise ValueError("logprobs and prompt_logprobs must be at most 20")
+        self.validate_logit_controls(params)
+
+    def validate_logit_controls(self, params: SamplingParams) -> None:
+        """Token ids in the vocabulary; bad words and structured outputs need the tokenizer; a grammar must
+        compile."""
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; the engine runs without one (skip_tokenizer_init)")
+        bad_words_token_ids = [t for word in self.tokenize_bad_words(params.bad_words or []) for t in word]
+        for name, ids in (("logit_bias", list(params.logit_bias or {})),
+                          ("allowed_token_ids", params.allowed_token_ids or []),
+                          ("bad_words", bad_words_token_ids)):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): "
+                                 f"{outside[:5]}")
+        self.compile_structured_outputs(params)
+
+    def tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens at the start of a text and after a space (as vLLM), each variant once."""
+        variants = (self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                    for word in words for prefix in ("", " "))
+        return list({tuple(ids): ids for ids in variants if ids}.values())
+
+    def compile_structured_outputs(self, params: SamplingParams) -> "xgrammar.CompiledGrammar | None":
+        """The grammar of `params.structured_outputs` (None when it has none), compiled or found in the cache of
+        compiled grammars; a ValueError naming structured_outputs when it does not compile or the engine runs
+        without a tokenizer.
+
+        add_request calls it on the engine's thread. A server should call it first, off that thread (it is
+        thread-safe, and xgrammar compiles without holding the GIL): add_request then finds the grammar in the
+        cache at once, so the engine loop never waits for a compilation (a large JSON schema may take many
+        milliseconds; the first grammar also reads the tokenizer's vocabulary, about 0.2 s), and a bad grammar
+        is refused before the request reaches the engine."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammar_compiler is None:
+            raise ValueError("structured_outputs need a tokenizer; the engine runs without one "
+                             "(skip_tokenizer_init)")
+        return self.grammar_compiler.compile(params.structured_outputs)
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
                     token_ids: list[int] | None = None) -> str:
@@ -118,13 +164,16 @@ class LLMEngine:
         token_ids = self.tokenize(prompt) if token_ids is None else token_ids
         self.validate(token_ids, params, request_id)
         limit = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(token_ids) + params.max_tokens)
+        grammar = self.compile_structured_outputs(params)  # from the cache: validate compiled it
+        bad_words = self.tokenize_bad_words(params.bad_words or [])
         children = []
         for i in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             child = Request(f"{request_id}-{i}" if params.n > 1 else request_id, token_ids, params, limit,
-                            self.eos_token_ids, generator, group_id=request_id)
+                            self.eos_token_ids, generator, group_id=request_id, bad_words_token_ids=bad_words,
+                            grammar=new_matcher(grammar) if grammar is not None else None)
             if self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             children.append(child)
@@ -191,9 +240,11 @@ class LLMEngine:
         sampled tokens on the device. Requests that `current` finishes by length are left out; one that it
         finishes otherwise (EOS, a stop) computes one token that is dropped when it arrives."""
         batch = current.batch
-        if (self.scheduler.waiting or max(batch.num_new_tokens) != 1 or len(current.sampled) != len(batch.requests)
-                or any(r.params.uses_penalties or r.num_output_tokens < r.params.min_tokens for r in batch.requests)):
-            return None  # penalties and min_tokens need the token still in flight; new requests get scheduled
+        if (self.scheduler.waiting or max(batch.num_new_tokens) != 1
+                or len(current.sampled) != len(batch.requests)):
+            return None  # new requests get scheduled
+        if any(r.samples_from_its_tokens for r in batch.requests):
+            return None  # penalties, min_tokens, bad words and grammars need the token still in flight
         rows = [i for i, r in enumerate(batch.requests) if not r.finished and r.num_tokens + 1 < r.max_len]
         if not rows or not all(self.kv.allocate(batch.requests[i], 1) for i in rows):
             return None
@@ -223,8 +274,9 @@ class LLMEngine:
     def check_finished(self, request: Request, token: int) -> None:
         params = request.params
         may_stop = request.num_output_tokens >= params.min_tokens
-        if may_stop and not params.ignore_eos and token in request.eos_token_ids:
-            request.finish_reason = "stop"
+        grammar_ended = request.grammar is not None and accept_grammar_token(request.grammar, token)
+        if grammar_ended or (may_stop and not params.ignore_eos and token in request.eos_token_ids):
+            request.finish_reason = "stop"  # a complete grammar allows nothing more, ignore_eos or not
         elif may_stop and token in params.stop_token_ids:
             request.finish_reason, request.stop_reason = "stop", token
         if request.detokenizer is not None and (request.finish_reason is None or not params.skip_special_tokens):

@@ -45,10 +45,14 @@ class LLM:
         return self.run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Complete each conversation through the chat template; `tools` (OpenAI function definitions) and
+        `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         template = chat_template or self.engine.chat_template
-        prompts = [apply_chat_template(self.engine.tokenizer, c, template, add_generation_prompt) for c in conversations]
+        prompts = [apply_chat_template(self.engine.tokenizer, c, template, add_generation_prompt, tools,
+                                       chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

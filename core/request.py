@@ -1,10 +1,14 @@
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmserve.outputs import PositionLogprobs
 from llmserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
 
 
 class Status(Enum):
@@ -24,6 +28,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
     group_id: str = ""  # the user's request id; n > 1 completions share it
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # each bad word, tokenized
+    grammar: "xgrammar.GrammarMatcher | None" = None  # structured outputs: where the output is in its grammar
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
@@ -64,3 +70,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def samples_from_its_tokens(self) -> bool:
+        """Whether sampling its next token reads the tokens it generated so far (penalties, min_tokens, bad
+        words, a grammar), so a step for it cannot start before the previous step's token is read."""
+        params = self.params
+        return (params.uses_penalties or self.num_output_tokens < params.min_tokens
+                or bool(self.bad_words_token_ids) or self.grammar is not None)

@@ -1,9 +1,11 @@
-"""Sampling for the whole batch on tensors: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Sampling for the whole batch on tensors: penalties, logit bias, allowed and banned tokens, grammars,
+temperature, top-k/top-p/min-p, seeds, logprobs."""
 from dataclasses import dataclass
 
 import torch
 
 from llmserve.request import Request
+from llmserve.structured_outputs import mask_to_grammars
 
 
 @dataclass
@@ -40,9 +42,12 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     want_logprobs = any(p.logprobs is not None for p in params)
     log_total = torch.logsumexp(logits, dim=-1)  # one pass: the full log_softmax only when logprobs are asked for
     raw_logprobs = logits - log_total[:, None] if want_logprobs else None
-    raw_chosen_logits = logits  # block_early_stop masks in place, but never at a token it lets be sampled
+    raw_chosen_logits = logits  # the masks work in place, but never at a token they let be sampled
     logits = apply_penalties(logits, requests)
-    logits = block_early_stop(logits, requests)
+    logits = apply_logit_bias(logits, requests)
+    keep_only_allowed(logits, requests)
+    ban_tokens(logits, requests)
+    keep_to_grammars(logits, requests)
     token_ids = logits.argmax(dim=-1)
     if not all(p.greedy for p in params):
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
@@ -78,13 +83,65 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits - column("presence_penalty") * (output_counts > 0)
 
 
-def block_early_stop(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Below min_tokens, EOS and the stop tokens cannot be sampled."""
+def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The biases added (out of place: a biased token may be sampled, and its raw logit gives its logprob)."""
+    biased = [(i, token, bias) for i, r in enumerate(requests)
+              for token, bias in (r.params.logit_bias or {}).items()]
+    if not biased:
+        return logits
+    rows, tokens, biases = zip(*biased)
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+    return logits.index_put(index, torch.tensor(biases, device=device, dtype=logits.dtype), accumulate=True)
+
+
+def keep_only_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place: -inf at every token outside allowed_token_ids, for the requests that set it."""
+    restricted = [i for i, r in enumerate(requests) if r.params.allowed_token_ids]
+    if not restricted:
+        return
+    rows = [i for i in restricted for _ in requests[i].params.allowed_token_ids]
+    tokens = [t for i in restricted for t in requests[i].params.allowed_token_ids]
+    blocked = torch.zeros_like(logits, dtype=torch.bool)
+    blocked[restricted] = True
+    blocked[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = False
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+def ban_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place: -inf at the tokens each request may not sample now."""
+    rows, tokens = [], []
     for i, r in enumerate(requests):
-        if r.num_output_tokens < r.params.min_tokens:
-            stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.eos_token_ids))
-            logits[i, list(stops)] = float("-inf")
-    return logits
+        banned = early_stop_tokens(r) | bad_word_endings(r)
+        rows += [i] * len(banned)
+        tokens += banned
+    if rows:
+        device = logits.device
+        logits[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)] = float("-inf")
+
+
+def keep_to_grammars(logits: torch.Tensor, requests: list[Request]) -> None:
+    """In place: -inf at the tokens that a request's grammar does not allow next."""
+    matchers = {i: r.grammar for i, r in enumerate(requests) if r.grammar is not None}
+    if matchers:
+        mask_to_grammars(logits, matchers)
+
+
+def early_stop_tokens(request: Request) -> set[int]:
+    """Below min_tokens, EOS and the stop tokens cannot be sampled."""
+    params = request.params
+    if request.num_output_tokens >= params.min_tokens:
+        return set()
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
+
+
+def bad_word_endings(request: Request) -> set[int]:
+    """The last token of each bad word whose other tokens are the last ones generated (as vLLM)."""
+    if not request.bad_words_token_ids:
+        return set()
+    output = request.output_token_ids
+    return {word[-1] for word in request.bad_words_token_ids
+            if len(word) - 1 <= len(output) and output[len(output) - len(word) + 1:] == word[:-1]}
 
 
 def sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

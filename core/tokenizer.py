@@ -15,17 +15,27 @@ def load_chat_template(template: str | None) -> str | None:
     return template
 
 
+RESERVED_TEMPLATE_NAMES = {"messages", "conversation", "tools", "add_generation_prompt", "chat_template", "tokenize"}
+
+
 def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None,
-                        add_generation_prompt: bool = True) -> list[int]:
+                        add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                        template_kwargs: dict | None = None) -> list[int]:
+    """The conversation's prompt tokens; `tools` (OpenAI function definitions) and `template_kwargs` (extra template
+    variables, e.g. enable_thinking) go to the template."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; the engine runs without one (skip_tokenizer_init)")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model has no chat template; pass chat_template (a Jinja template string or file)")
+    reserved = sorted(RESERVED_TEMPLATE_NAMES & set(template_kwargs or {}))
+    if reserved:
+        raise ParamError("chat_template_kwargs", f"chat_template_kwargs may not set {', '.join(reserved)}")
     from jinja2 import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(conversation, chat_template=load_chat_template(chat_template),
-                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+                                             tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools, **(template_kwargs or {}))
     except TemplateError as e:  # the template's own checks (roles must alternate, no system role, ...)
         raise ParamError("messages", f"the chat template refused these messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -15,3 +15,13 @@ def llmserve_attention_backends() -> dict[str, str]:
 @hookspec
 def llmserve_models() -> dict[str, str]:
     """Model classes by HF `architectures` name (LlamaForCausalLM, ...)."""
+
+
+@hookspec
+def llmserve_tool_parsers() -> dict[str, str]:
+    """Tool-call parsers by name (hermes, llama3_json, mistral): subclasses of llmserve.server.parsers.ToolParser."""
+
+
+@hookspec
+def llmserve_reasoning_parsers() -> dict[str, str]:
+    """Reasoning parsers by name (qwen3, deepseek_r1): subclasses of llmserve.server.parsers.ReasoningParser."""

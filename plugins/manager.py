@@ -14,7 +14,8 @@ from llmserve.plugins import PROJECT, hookspecs
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "llmserve.plugins"
 KINDS = {"platform": "llmserve_platforms", "attention_backend": "llmserve_attention_backends",
-         "model": "llmserve_models"}
+         "model": "llmserve_models", "tool_parser": "llmserve_tool_parsers",
+         "reasoning_parser": "llmserve_reasoning_parsers"}
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class PluginRegistry:
 def builtin_modules() -> list[str]:
     import llmserve.backends
     import llmserve.models
+    import llmserve.server.parsers
 
     modules = ["llmserve.plugins.platforms"]
-    for package in (llmserve.backends, llmserve.models):
+    for package in (llmserve.backends, llmserve.models, llmserve.server.parsers):
         modules += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__) if not m.ispkg]
     return modules
 

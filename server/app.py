@@ -20,8 +20,10 @@ from llmserve.errors import ParamError
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 from llmserve.server.metrics import Metrics
+from llmserve.server.parsers import ForcedToolCalls, ReplyParser, load_parser, tool_call_schema
 from llmserve.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestLimits,
                                       SamplingRequest, TokenizeRequest)
+from llmserve.structured_outputs import StructuredOutputsParams
 from llmserve.server.render import ChatRenderer, CompletionRenderer, Renderer
 from llmserve.tokenizer import apply_chat_template
 
@@ -51,9 +53,9 @@ def error_for(e: Exception) -> APIError:
         return e
     if isinstance(e, ParamError):
         return APIError(400, str(e), e.field)
-    if isinstance(e, ValueError):
+    if isinstance(e, ValueError):  # the engine's messages start with the field they are about
         field = str(e).split(" ", 1)[0]
-        return APIError(400, str(e), field if field in REQUEST_FIELDS else None)
+        return APIError(400, str(e), field if field.split(".")[0] in REQUEST_FIELDS else None)
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_dead")
     if not isinstance(e, EngineFault):
@@ -125,11 +127,27 @@ def clean_request_id(raw: bytes | None) -> str:
 
 
 @dataclass
+class ChatParsing:
+    """How chat replies are read: `llm serve --tool-call-parser/--enable-auto-tool-choice/--reasoning-parser`."""
+
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        self.tool_parser_class = load_parser("tool_parser", self.tool_call_parser)
+        self.reasoning_parser_class = load_parser("reasoning_parser", self.reasoning_parser)
+
+
+@dataclass
 class Server:
     engine: AsyncEngine
     model_names: list[str]
     metrics: Metrics
     limits: RequestLimits
+    parsing: ChatParsing
 
     @property
     def model_name(self) -> str:
@@ -148,6 +166,35 @@ class Server:
         body.check(self.limits, [len(t) for t in token_ids], max_tokens, logprobs, self.engine.engine.max_model_len)
         if body.unknown_fields():
             logger.warning("request %s: dropped unknown fields %s", request_id, body.unknown_fields())
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar here, off the engine's thread (cached: the engine finds it ready)."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.engine.compile_structured_outputs, params)
+
+    def tool_plan(self, body: ChatRequest) -> tuple[list[dict] | None, ReplyParser | None,
+                                                    StructuredOutputsParams | None]:
+        """The tools the template sees, how the reply is read, and the schema a forced tool call must follow."""
+        mode = body.chosen_tool()
+        if mode == "auto" and not self.parsing.enable_auto_tool_choice:
+            raise ParamError("tool_choice", '"auto" tool choice needs `llm serve --enable-auto-tool-choice '
+                                            '--tool-call-parser NAME`; or give tool_choice "none", "required" or a '
+                                            "named function")
+        tools = body.tool_dicts() if mode != "none" else None
+        tool_parser, forced = None, None
+        if mode == "auto":
+            tool_parser = self.parsing.tool_parser_class()
+        elif mode in ("required", "named"):
+            if body.response_format is not None or body.structured_outputs is not None:
+                raise ParamError("tool_choice", f"tool_choice {mode!r} cannot be combined with response_format or "
+                                                "structured_outputs")
+            function = body.tool_choice.function.name if mode == "named" else None
+            tool_parser = ForcedToolCalls(function)
+            forced = StructuredOutputsParams(json=tool_call_schema(tools, function, body.parallel_tool_calls))
+        reasoning = self.parsing.reasoning_parser_class
+        if tool_parser is None and reasoning is None:
+            return tools, None, None
+        return tools, ReplyParser(reasoning and reasoning(), tool_parser, body.parallel_tool_calls), forced
 
     async def respond(self, raw: Request, body: SamplingRequest, stream: RequestStream, renderer: Renderer):
         if body.stream:
@@ -215,12 +262,13 @@ class CorsSettings:
 
 
 def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] = (),
-               limits: RequestLimits | None = None, cors: CorsSettings | None = None, root_path: str = "") -> FastAPI:
+               limits: RequestLimits | None = None, cors: CorsSettings | None = None, root_path: str = "",
+               parsing: ChatParsing | None = None) -> FastAPI:
     """The app; `cors` with no allowed origin (the default) adds no CORS headers, so browsers of other sites cannot
     call the server."""
     app = FastAPI(title="llmserve", version=version("llmserve"), root_path=root_path)
     limits = limits or RequestLimits(max_logprobs=engine.engine.config.max_logprobs)
-    server = Server(engine, model_names, Metrics(engine), limits)
+    server = Server(engine, model_names, Metrics(engine), limits, parsing or ChatParsing())
     app.state.server = server
     core = engine.engine
 
@@ -293,6 +341,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         server.check(body, request_id, token_ids, body.max_tokens, body.logprobs)
         prompt_logprobs = body.logprobs if body.echo else None
         params = body.to_sampling_params(core.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
+        await server.prepare(params)
         stream = server.start(request_id, prompts, token_ids, params)
         renderer = CompletionRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.echo)
         return await server.respond(raw, body, stream, renderer)
@@ -301,14 +350,18 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
     async def chat_completions(body: ChatRequest, raw: Request):
         server.check_model(body.model)
         conversation = [m.to_template_input() for m in body.messages]
-        token_ids = [apply_chat_template(core.tokenizer, conversation, core.chat_template, body.add_generation_prompt)]
+        tools, reply_parser, forced = server.tool_plan(body)
+        token_ids = [apply_chat_template(core.tokenizer, conversation, core.chat_template, body.add_generation_prompt,
+                                         tools, body.chat_template_kwargs)]
         max_tokens = body.max_completion_tokens or body.max_tokens or core.sampling_defaults.get("max_tokens")
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request_id = f"chatcmpl-{raw.state.request_id}"
         server.check(body, request_id, token_ids, max_tokens, top_logprobs)
-        params = body.to_sampling_params(core.sampling_defaults, max_tokens, top_logprobs)
+        params = body.to_sampling_params(core.sampling_defaults, max_tokens, top_logprobs, structured_outputs=forced)
+        await server.prepare(params)
         stream = server.start(request_id, token_ids, token_ids, params)
-        renderer = ChatRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.logprobs)
+        renderer = ChatRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.logprobs,
+                                reply_parser)
         return await server.respond(raw, body, stream, renderer)
 
     app.add_middleware(Guard, api_keys=list(api_keys))

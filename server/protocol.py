@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmserve.errors import ParamError
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured_outputs import StructuredOutputsParams
 
 
 @dataclass
@@ -43,6 +44,28 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: str
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced in full, as strict=True asks
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        # compact JSON: a grammar that allows any whitespace lets a small model loop on newlines until max_tokens
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        if self.json_schema is None:
+            raise ParamError("response_format.json_schema", "response_format of type json_schema needs json_schema")
+        return StructuredOutputsParams(json=self.json_schema.schema_, disable_any_whitespace=True)
+
+
 class SamplingRequest(Body):
     """Fields shared by /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
@@ -65,6 +88,11 @@ class SamplingRequest(Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias, clamped to [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None  # vLLM's: one of json, regex, choice, grammar, json_object
 
     @property
     def include_usage(self) -> bool:
@@ -94,13 +122,28 @@ class SamplingRequest(Body):
 
     logprobs_field: ClassVar[str] = "logprobs"
 
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ParamError("structured_outputs", "give response_format or structured_outputs, not both")
+        if self.response_format is not None:
+            return self.response_format.structured_outputs()
+        if self.structured_outputs is None:
+            return None
+        try:
+            return StructuredOutputsParams(**self.structured_outputs)
+        except TypeError as e:  # a key StructuredOutputsParams does not have
+            raise ParamError("structured_outputs", f"structured_outputs: {e}") from None
+
     def to_sampling_params(self, defaults: dict, max_tokens: int | None, logprobs: int | None = None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
+                           prompt_logprobs: int | None = None,
+                           structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """Fields the request leaves out take the model's generation defaults, then SamplingParams' own."""
         given = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                  if getattr(self, name) is not None}
         chosen = {k: v for k, v in defaults.items() if k != "max_tokens"} | given
         return SamplingParams(
+            logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            structured_outputs=structured_outputs or self.structured_outputs_params(),
             n=self.n, seed=self.seed, stop=self.stop, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
@@ -141,6 +184,27 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
+class FunctionDefinition(Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -178,6 +242,26 @@ class ChatRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template (enable_thinking)
+
+    def chosen_tool(self) -> str | None:
+        """'none', 'auto', 'required' or 'named' (after checking that the choice fits the tools given)."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if not self.tools:
+            if choice != "none":
+                raise ParamError("tool_choice", "tool_choice needs tools")
+            return "none"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ParamError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools")
+            return "named"
+        return choice
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     logprobs_field: ClassVar[str] = "top_logprobs"
 

@@ -3,6 +3,7 @@ import time
 
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.sampling_params import SamplingParams
+from llmserve.server.parsers import ReplyParser, ReplyParts
 from llmserve.tokenizer import streamable_text
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -103,18 +104,42 @@ class CompletionRenderer(Renderer):
 class ChatRenderer(Renderer):
     object_name, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, request_id, model, tokenizer, prompt_token_ids, params, logprobs: bool) -> None:
+    def __init__(self, request_id, model, tokenizer, prompt_token_ids, params, logprobs: bool,
+                 reply_parser: ReplyParser | None = None) -> None:
         super().__init__(request_id, model, tokenizer, prompt_token_ids, params)
         self.want_logprobs = logprobs
+        self.reply_parser = reply_parser
+        self.parts_sent: dict[int, ReplyParts] = {}  # choice -> what its stream has sent of each part
+
+    def parts(self, c: CompletionOutput, text: str) -> ReplyParts:
+        return self.reply_parser.parse(text, c.finished) if self.reply_parser else ReplyParts(text)
+
+    def finish_reason(self, c: CompletionOutput, parts: ReplyParts) -> str | None:
+        return "tool_calls" if parts.tool_calls and c.finish_reason == "stop" else c.finish_reason
 
     def choice(self, index, output, c) -> dict:
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.logprobs(c, 0), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        parts = self.parts(c, c.text)
+        message = {"role": "assistant", "content": parts.content or (None if parts.tool_calls else "")}
+        if self.reply_parser and self.reply_parser.reasoning:
+            message["reasoning"] = parts.reasoning
+        if parts.tool_calls:
+            message["tool_calls"] = [call.to_openai() for call in parts.tool_calls]
+        return {"index": c.index, "message": message, "logprobs": self.logprobs(c, 0),
+                "finish_reason": self.finish_reason(c, parts), "stop_reason": c.stop_reason}
 
     def delta(self, index, output, c, from_char, text, from_token, first) -> dict:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        delta = {"role": "assistant"} if first else {}
+        parts = self.parts(c, streamable_text(c.text, self.params.stop_strings, c.finished))
+        sent = self.parts_sent.get(c.index, ReplyParts("", "" if parts.reasoning is not None else None))
+        if parts.reasoning is not None and len(parts.reasoning) > len(sent.reasoning or ""):
+            delta["reasoning"] = parts.reasoning[len(sent.reasoning or ""):]
+        if len(parts.content) > len(sent.content) or first:
+            delta["content"] = parts.content[len(sent.content):]
+        if parts.tool_calls:
+            delta["tool_calls"] = [call.to_openai(i) for i, call in enumerate(parts.tool_calls)]
+        self.parts_sent[c.index] = parts
         return {"index": c.index, "delta": delta, "logprobs": self.logprobs(c, from_token),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                "finish_reason": self.finish_reason(c, parts), "stop_reason": c.stop_reason}
 
     def logprobs(self, c: CompletionOutput, from_token: int) -> dict | None:
         if not self.want_logprobs:
