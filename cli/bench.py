@@ -61,13 +61,14 @@ def wait_for_server(url: str, timeout: float, process: subprocess.Popen | None =
         time.sleep(0.3)
 
 
-async def send(client, model: str, prompt, output_len: int) -> RequestResult:
+async def send(client, model: str, prompt, output_len: int, structured_outputs: dict | None = None) -> RequestResult:
     result, start = RequestResult(), time.perf_counter()
     last = start
+    extra = {"ignore_eos": True} | ({"structured_outputs": structured_outputs} if structured_outputs else {})
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream_options={"include_usage": True}, extra_body=extra)
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage:
@@ -85,7 +86,8 @@ async def send(client, model: str, prompt, output_len: int) -> RequestResult:
 
 
 async def run_load(base_url: str, api_key: str, model: str | None, prompts: list, output_len: int,
-                   concurrency: int | None, request_rate: float, seed: int) -> tuple[str, list[RequestResult], float]:
+                   concurrency: int | None, request_rate: float, seed: int,
+                   structured_outputs: dict | None = None) -> tuple[str, list[RequestResult], float]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600)
@@ -96,7 +98,7 @@ async def run_load(base_url: str, api_key: str, model: str | None, prompts: list
 
     async def limited(prompt) -> RequestResult:
         async with limit:
-            return await send(client, model, prompt, output_len)
+            return await send(client, model, prompt, output_len, structured_outputs)
 
     start, tasks = time.perf_counter(), []
     for prompt, gap in zip(prompts, gaps):
@@ -144,6 +146,9 @@ def bench_serve(
     seed: Annotated[int, typer.Option(help="Seed for prompts and arrivals.")] = 0,
     result_file: Annotated[Optional[str], typer.Option(help="Write the results as JSON here.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer first.")] = 0,
+    structured_outputs: Annotated[Optional[str], typer.Option(
+        help='vLLM\'s structured_outputs for every request, as JSON or @FILE (e.g. \'{"json": {...schema...}}\').')
+    ] = None,
 ) -> None:
     """Load a running server (llmserve or any OpenAI-compatible one) and report throughput, TTFT, TPOT and ITL."""
     try:
@@ -152,8 +157,9 @@ def bench_serve(
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(1) from None
     prompts = load_prompts(dataset, num_prompts, input_len, vocab_size, random.Random(seed))
+    constraint = read_json_option(structured_outputs)
     model, results, duration = asyncio.run(run_load(base_url, api_key, model, prompts, output_len, concurrency,
-                                                    request_rate, seed))
+                                                    request_rate, seed, constraint))
     summary = {"model": model, "base_url": base_url, "num_prompts": num_prompts, "input_len": input_len,
                "output_len": output_len, "concurrency": concurrency, "request_rate": request_rate,
                **summarize(results, duration)}
@@ -161,6 +167,16 @@ def bench_serve(
         with open(result_file, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     print_table(summary)
+
+
+def read_json_option(value: str | None) -> dict | None:
+    """JSON given inline or as @FILE."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return json.load(f)
+    return json.loads(value)
 
 
 def print_table(summary: dict) -> None:

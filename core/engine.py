@@ -113,8 +113,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; the engine runs without one (skip_tokenizer_init)")
-        if (params.logprobs or 0) > 20 or (params.prompt_logprobs or 0) > 20:
-            raise ValueError("logprobs and prompt_logprobs must be at most 20")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.config.max_logprobs:
+                raise ValueError(f"{name} must be at most {self.config.max_logprobs} (the engine's max_logprobs), "
+                                 f"got {getattr(params, name)}")
         self.validate_logit_controls(params)
 
     def validate_logit_controls(self, params: SamplingParams) -> None:

@@ -195,3 +195,12 @@ def test_vllm_engine_arguments_are_honoured_or_refused_by_name(llm):
             LLM(**{name: value})
     with pytest.raises(ValueError, match="unknown engine argument.*swap_space"):
         LLM(swap_space=4)
+
+
+def test_max_logprobs_bounds_offline_requests(llm):
+    from conftest import greedy
+
+    with pytest.raises(ValueError, match=r"^logprobs must be at most 20 \(the engine's max_logprobs\)"):
+        llm.generate("Hi", greedy(1, logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt_logprobs must be at most 20"):
+        llm.generate("Hi", greedy(1, prompt_logprobs=25), use_tqdm=False)
