@@ -84,15 +84,14 @@ def serve(
         raise typer.BadParameter(str(e), param_hint="--tool-call-parser / --reasoning-parser") from None
     engine = build_engine(AsyncEngine, model, engine_args)
     names = served_model_name or [model or DEFAULT_MODEL]
-    core = engine.engine
+    info = engine.info
     limits = RequestLimits(max_n, max_prompts_per_request, max_stop_strings, max_stop_string_chars,
-                           core.config.max_logprobs, max_request_tokens, allow_unknown_fields)
+                           info.max_logprobs, max_request_tokens, allow_unknown_fields)
     cors = CorsSettings(json_list(allowed_origins), json_list(allowed_methods) or ["*"],
                         json_list(allowed_headers) or ["*"], allow_credentials)
     scheme = "https" if ssl_certfile else "http"
-    typer.echo(f"llmserve {version('llmserve')}: model {names[0]} ({core.model_path}), platform {core.platform.name}, "
-               f"attention backend {core.runner.backend.name}, dtype {str(core.runner.dtype).removeprefix('torch.')}, "
-               f"max_model_len {core.max_model_len}")
+    typer.echo(f"llmserve {version('llmserve')}: model {names[0]} ({info.model_path}), platform {info.platform}, "
+               f"attention backend {info.attention_backend}, dtype {info.dtype}, max_model_len {info.max_model_len}")
     typer.echo(f"listening on {scheme}://{host}:{port}{root_path} (OpenAI API under /v1)"
                f"{', API key required' if keys else ''}")
     config = uvicorn.Config(create_app(engine, names, keys, limits, cors, root_path, parsing), host=host, port=port,

@@ -9,6 +9,8 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
@@ -17,6 +19,52 @@ from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server knows of the served model; fixed once the engine is built."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    tokenizer: Any  # the HF tokenizer, None with skip_tokenizer_init
+    chat_template: str | None  # given with --chat-template (None: the tokenizer's own)
+    sampling_defaults: dict  # from generation_config.json
+    platform: str
+    attention_backend: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """The engine's counters and queues at one moment (for /metrics)."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    kv_cache_used_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens: int
+    generation_tokens: int
+    preemptions: int
+    steps: int
+    max_batch_size: int
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    token_ids: list[int]
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
 
 
 class EngineFault(RuntimeError):
@@ -69,7 +117,11 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        core = self.engine
+        self.info = ModelInfo(core.model_path, core.max_model_len, core.vocab_size, config.max_logprobs,
+                              core.tokenizer, core.chat_template, core.sampling_defaults, core.platform.name,
+                              core.runner.backend.name, str(core.runner.dtype).removeprefix("torch."))
+        self.commands: queue.SimpleQueue[AddRequest | AbortRequest] = queue.SimpleQueue()
         self.streams: dict[str, RequestStream] = {}
         self.wakeup = threading.Event()
         self.stopping = False
@@ -80,6 +132,21 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return self.engine.tokenize(prompt)
+
+    def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (or find cached) the request's grammar; thread-safe, meant for a worker thread, never the loop."""
+        self.engine.compile_structured_outputs(params)
+
+    def state(self) -> EngineState:
+        core, scheduler = self.engine, self.engine.scheduler
+        stats = core.stats
+        return EngineState(len(scheduler.running), len(scheduler.waiting), core.kv.usage, core.kv.num_used_blocks,
+                           scheduler.prefix_cache_queries, scheduler.prefix_cache_hits, stats["prompt_tokens"],
+                           stats["generation_tokens"], scheduler.num_preemptions, stats["steps"],
+                           stats["max_batch_size"])
 
     def add_requests(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
                      prompt_token_ids: list[list[int]]) -> RequestStream:
@@ -95,13 +162,13 @@ class AsyncEngine:
         stream = RequestStream(self, request_ids)
         for child_id, prompt, token_ids in zip(request_ids, prompts, prompt_token_ids):
             self.streams[child_id] = stream
-            self.send(("add", child_id, prompt, params, token_ids))
+            self.send(AddRequest(child_id, prompt, params, token_ids))
         return stream
 
     def abort(self, request_id: str) -> None:
-        self.send(("abort", request_id))
+        self.send(AbortRequest(request_id))
 
-    def send(self, command: tuple) -> None:
+    def send(self, command: AddRequest | AbortRequest) -> None:
         self.commands.put(command)
         self.wakeup.set()
 
@@ -135,16 +202,15 @@ class AsyncEngine:
 
     def apply_commands(self) -> None:
         while not self.commands.empty():
-            kind, request_id, *args = self.commands.get()
-            if kind == "abort":
-                self.engine.abort(request_id)
-                self.streams.pop(request_id, None)
+            command = self.commands.get()
+            if isinstance(command, AbortRequest):
+                self.engine.abort(command.request_id)
+                self.streams.pop(command.request_id, None)
                 continue
             try:
-                prompt, params, token_ids = args
-                self.engine.add_request(request_id, prompt, params, token_ids)
+                self.engine.add_request(command.request_id, command.prompt, command.params, command.token_ids)
             except ValueError as e:
-                self.publish(request_id, e)
+                self.publish(command.request_id, e)
 
     def publish(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self.streams.get(request_id)

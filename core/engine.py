@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmserve.config import EngineConfig
+from llmserve.errors import ParamError
 from llmserve.kv_cache import KVCacheManager
 from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
 from llmserve.model_runner import Launched, ModelRunner, StepResult
@@ -96,41 +97,44 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt must be token ids: the engine runs without a tokenizer (skip_tokenizer_init)")
+                raise ParamError("prompt", "prompt must be token ids: the engine runs without a tokenizer "
+                                           "(skip_tokenizer_init)")
             return self.tokenizer.encode(prompt) if prompt else []
         return list(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> None:
         if request_id is not None and request_id in self.groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise ParamError("request_id", f"request_id {request_id!r} is already in use")
         if not prompt_token_ids:
-            raise ValueError("prompt is empty")
+            raise ParamError("prompt", "prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's context (max_model_len) is "
-                             f"{self.max_model_len}, which leaves no room for an output token")
+            raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens; the model's context "
+                                       f"(max_model_len) is {self.max_model_len}, which leaves no room for an "
+                                       "output token")
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+            raise ParamError("prompt", f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; the engine runs without one (skip_tokenizer_init)")
+            raise ParamError("stop", "stop strings need a tokenizer; the engine runs without one (skip_tokenizer_init)")
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > self.config.max_logprobs:
-                raise ValueError(f"{name} must be at most {self.config.max_logprobs} (the engine's max_logprobs), "
-                                 f"got {getattr(params, name)}")
+                raise ParamError(name, f"{name} must be at most {self.config.max_logprobs} (the engine's "
+                                       f"max_logprobs), got {getattr(params, name)}")
         self.validate_logit_controls(params)
 
     def validate_logit_controls(self, params: SamplingParams) -> None:
         """Token ids in the vocabulary; bad words and structured outputs need the tokenizer; a grammar must
         compile."""
         if params.bad_words and self.tokenizer is None:
-            raise ValueError("bad_words need a tokenizer; the engine runs without one (skip_tokenizer_init)")
+            raise ParamError("bad_words", "bad_words need a tokenizer; the engine runs without one "
+                                          "(skip_tokenizer_init)")
         bad_words_token_ids = [t for word in self.tokenize_bad_words(params.bad_words or []) for t in word]
         for name, ids in (("logit_bias", list(params.logit_bias or {})),
                           ("allowed_token_ids", params.allowed_token_ids or []),
                           ("bad_words", bad_words_token_ids)):
             outside = [t for t in ids if t >= self.vocab_size]
             if outside:
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): "
+                raise ParamError(name, f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): "
                                  f"{outside[:5]}")
         self.compile_structured_outputs(params)
 
@@ -153,7 +157,7 @@ class LLMEngine:
         if params.structured_outputs is None:
             return None
         if self.grammar_compiler is None:
-            raise ValueError("structured_outputs need a tokenizer; the engine runs without one "
+            raise ParamError("structured_outputs", "structured_outputs need a tokenizer; the engine runs without one "
                              "(skip_tokenizer_init)")
         return self.grammar_compiler.compile(params.structured_outputs)
 

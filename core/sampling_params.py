@@ -1,6 +1,7 @@
 import math
 from dataclasses import dataclass, field
 
+from llmserve.errors import ParamError
 from llmserve.structured_outputs import StructuredOutputsParams
 
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit bias; larger ones are clamped to it
@@ -48,7 +49,7 @@ class SamplingParams:
     def _validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} {rule}, got {getattr(self, name)!r}")
 
         check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
         check(self.temperature >= 0, "temperature", "must be >= 0")

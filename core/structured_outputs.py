@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmserve.errors import ParamError
+
 if TYPE_CHECKING:
     import xgrammar
 
@@ -37,11 +39,11 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         chosen = self.kinds_set()
         if len(chosen) != 1:
-            raise ValueError(f"structured_outputs must set exactly one of {', '.join(KINDS)}; "
+            raise ParamError("structured_outputs", f"structured_outputs must set exactly one of {', '.join(KINDS)}; "
                              f"got {', '.join(chosen) or 'none'}")
         problem = self.type_problem()
         if problem:
-            raise ValueError(f"structured_outputs.{chosen[0]} {problem}")
+            raise ParamError(f"structured_outputs.{chosen[0]}", f"structured_outputs.{chosen[0]} {problem}")
 
     def kinds_set(self) -> list[str]:
         return [name for name in KINDS if (self.json_object is True if name == "json_object"
@@ -113,7 +115,9 @@ class GrammarCompiler:
             return compiler.compile_grammar(spec.grammar)
         except (RuntimeError, TypeError, ValueError) as error:  # TypeError, ValueError: json.dumps refused it
             reason = without_source_location(error)
-            raise ValueError(f"structured_outputs.{spec.kinds_set()[0]} does not compile: {reason}") from None
+            kind = spec.kinds_set()[0]
+            raise ParamError(f"structured_outputs.{kind}",
+                             f"structured_outputs.{kind} does not compile: {reason}") from None
 
 
 def new_matcher(grammar: "xgrammar.CompiledGrammar") -> "xgrammar.GrammarMatcher":

@@ -30,7 +30,6 @@ from llmserve.tokenizer import apply_chat_template
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 8 << 20
 REQUEST_ID_CHARS = 128  # a longer X-Request-Id is cut, one with other than [A-Za-z0-9._-] replaced
-REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)  # named by engine errors
 
 
 class APIError(Exception):
@@ -53,9 +52,8 @@ def error_for(e: Exception) -> APIError:
         return e
     if isinstance(e, ParamError):
         return APIError(400, str(e), e.field)
-    if isinstance(e, ValueError):  # the engine's messages start with the field they are about
-        field = str(e).split(" ", 1)[0]
-        return APIError(400, str(e), field if field.split(".")[0] in REQUEST_FIELDS else None)
+    if isinstance(e, ValueError):  # bad input that names no single field (e.g. a model without a chat template)
+        return APIError(400, str(e))
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_dead")
     if not isinstance(e, EngineFault):
@@ -163,14 +161,14 @@ class Server:
 
     def check(self, body: SamplingRequest, request_id: str, token_ids: list[list[int]], max_tokens: int | None,
               logprobs: int | None) -> None:
-        body.check(self.limits, [len(t) for t in token_ids], max_tokens, logprobs, self.engine.engine.max_model_len)
+        body.check(self.limits, [len(t) for t in token_ids], max_tokens, logprobs, self.engine.info.max_model_len)
         if body.unknown_fields():
             logger.warning("request %s: dropped unknown fields %s", request_id, body.unknown_fields())
 
     async def prepare(self, params: SamplingParams) -> None:
         """Compile the request's grammar here, off the engine's thread (cached: the engine finds it ready)."""
         if params.structured_outputs is not None:
-            await asyncio.to_thread(self.engine.engine.compile_structured_outputs, params)
+            await asyncio.to_thread(self.engine.compile_structured_outputs, params)
 
     def tool_plan(self, body: ChatRequest) -> tuple[list[dict] | None, ReplyParser | None,
                                                     StructuredOutputsParams | None]:
@@ -267,10 +265,10 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
     """The app; `cors` with no allowed origin (the default) adds no CORS headers, so browsers of other sites cannot
     call the server."""
     app = FastAPI(title="llmserve", version=version("llmserve"), root_path=root_path)
-    limits = limits or RequestLimits(max_logprobs=engine.engine.config.max_logprobs)
+    limits = limits or RequestLimits(max_logprobs=engine.info.max_logprobs)
     server = Server(engine, model_names, Metrics(engine), limits, parsing or ChatParsing())
     app.state.server = server
-    core = engine.engine
+    info = engine.info
 
     async def on_error(_: Request, e: Exception) -> JSONResponse:
         error = error_for(e)
@@ -309,25 +307,25 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
-            tokens = apply_chat_template(core.tokenizer, [m.to_template_input() for m in body.messages],
-                                         core.chat_template)
+            tokens = apply_chat_template(info.tokenizer, [m.to_template_input() for m in body.messages],
+                                         info.chat_template)
         else:
-            tokens = core.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens}
+            tokens = info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": info.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         server.check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < core.vocab_size]
+        bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
         if bad:
-            raise APIError(400, f"tokens must be in [0, {core.vocab_size}), got {bad[:5]}", "tokens")
-        return {"prompt": core.tokenizer.decode(body.tokens)}
+            raise APIError(400, f"tokens must be in [0, {info.vocab_size}), got {bad[:5]}", "tokens")
+        return {"prompt": info.tokenizer.decode(body.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict:
         created = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmserve",
-                                            "root": core.model_path, "max_model_len": core.max_model_len}
+                                            "root": info.model_path, "max_model_len": info.max_model_len}
                                            for name in model_names]}
 
     @app.post("/v1/completions")
@@ -336,14 +334,14 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         if body.suffix is not None:
             raise APIError(400, "suffix is not supported", "suffix")
         prompts = body.prompts(server.limits)
-        token_ids = [core.tokenize(p) for p in prompts]
+        token_ids = [engine.tokenize(p) for p in prompts]
         request_id = f"cmpl-{raw.state.request_id}"
         server.check(body, request_id, token_ids, body.max_tokens, body.logprobs)
         prompt_logprobs = body.logprobs if body.echo else None
-        params = body.to_sampling_params(core.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
+        params = body.to_sampling_params(info.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
         await server.prepare(params)
         stream = server.start(request_id, prompts, token_ids, params)
-        renderer = CompletionRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.echo)
+        renderer = CompletionRenderer(request_id, server.model_name, info.tokenizer, token_ids, params, body.echo)
         return await server.respond(raw, body, stream, renderer)
 
     @app.post("/v1/chat/completions")
@@ -351,16 +349,16 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         server.check_model(body.model)
         conversation = [m.to_template_input() for m in body.messages]
         tools, reply_parser, forced = server.tool_plan(body)
-        token_ids = [apply_chat_template(core.tokenizer, conversation, core.chat_template, body.add_generation_prompt,
+        token_ids = [apply_chat_template(info.tokenizer, conversation, info.chat_template, body.add_generation_prompt,
                                          tools, body.chat_template_kwargs)]
-        max_tokens = body.max_completion_tokens or body.max_tokens or core.sampling_defaults.get("max_tokens")
+        max_tokens = body.max_completion_tokens or body.max_tokens or info.sampling_defaults.get("max_tokens")
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request_id = f"chatcmpl-{raw.state.request_id}"
         server.check(body, request_id, token_ids, max_tokens, top_logprobs)
-        params = body.to_sampling_params(core.sampling_defaults, max_tokens, top_logprobs, structured_outputs=forced)
+        params = body.to_sampling_params(info.sampling_defaults, max_tokens, top_logprobs, structured_outputs=forced)
         await server.prepare(params)
         stream = server.start(request_id, token_ids, token_ids, params)
-        renderer = ChatRenderer(request_id, server.model_name, core.tokenizer, token_ids, params, body.logprobs,
+        renderer = ChatRenderer(request_id, server.model_name, info.tokenizer, token_ids, params, body.logprobs,
                                 reply_parser)
         return await server.respond(raw, body, stream, renderer)
 

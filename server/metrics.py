@@ -13,32 +13,30 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 class EngineCollector(Collector):
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine.engine
+        self.engine = engine
 
     def collect(self):
-        engine, scheduler = self.engine, self.engine.scheduler
-        queries, hits = scheduler.prefix_cache_queries, scheduler.prefix_cache_hits
-        yield GaugeMetricFamily("llmserve:num_requests_running", "Requests in the running batch",
-                                value=len(scheduler.running))
+        state = self.engine.state()
+        queries, hits = state.prefix_cache_queries, state.prefix_cache_hits
+        yield GaugeMetricFamily("llmserve:num_requests_running", "Requests in the running batch", value=state.running)
         yield GaugeMetricFamily("llmserve:num_requests_waiting", "Requests waiting to be scheduled",
-                                value=len(scheduler.waiting))
+                                value=state.waiting)
         yield GaugeMetricFamily("llmserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)",
-                                value=engine.kv.usage)
+                                value=state.kv_cache_usage)
         yield GaugeMetricFamily("llmserve:kv_cache_used_blocks", "KV-cache blocks held by requests",
-                                value=engine.kv.num_used_blocks)
+                                value=state.kv_cache_used_blocks)
         yield GaugeMetricFamily("llmserve:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                                 value=hits / queries if queries else 0.0)
         yield CounterMetricFamily("llmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   value=queries)
         yield CounterMetricFamily("llmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", value=hits)
-        yield CounterMetricFamily("llmserve:prompt_tokens", "Prompt tokens computed", value=engine.stats["prompt_tokens"])
-        yield CounterMetricFamily("llmserve:generation_tokens", "Tokens generated",
-                                  value=engine.stats["generation_tokens"])
+        yield CounterMetricFamily("llmserve:prompt_tokens", "Prompt tokens computed", value=state.prompt_tokens)
+        yield CounterMetricFamily("llmserve:generation_tokens", "Tokens generated", value=state.generation_tokens)
         yield CounterMetricFamily("llmserve:num_preemptions", "Requests preempted for lack of KV blocks",
-                                  value=scheduler.num_preemptions)
-        yield CounterMetricFamily("llmserve:engine_steps", "Batches run", value=engine.stats["steps"])
+                                  value=state.preemptions)
+        yield CounterMetricFamily("llmserve:engine_steps", "Batches run", value=state.steps)
         yield GaugeMetricFamily("llmserve:max_batch_size", "Most requests run in one step so far",
-                                value=engine.stats["max_batch_size"])
+                                value=state.max_batch_size)
 
 
 class Metrics:
