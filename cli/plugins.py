@@ -78,12 +78,39 @@ def render(listing: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command()
-def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False) -> None:
+plugins_app = typer.Typer(help="Platforms, attention backends, models and parsers: list them, or check a backend.")
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.callback(invoke_without_command=True)
+def plugins(ctx: typer.Context,
+            as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False) -> None:
     """List platforms, attention backends, model architectures and parsers, with the package that provides each."""
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         listing = collect()
     except RuntimeError as e:  # e.g. two plugins registering one name
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(listing, indent=2) if as_json else render(listing))
+
+
+@plugins_app.command("check")
+def check(backend: Annotated[str, typer.Argument(help="The attention backend to check, e.g. TRITON_ATTN.")],
+          as_json: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON.")] = False) -> None:
+    """Run an attention backend (ours or a plugin's) through the conformance kit on this machine: its kernels against
+    the fp32 paged-attention reference over a grid of shapes, then the engine with it against TORCH_SDPA on tiny
+    random Llama and Qwen3 models (with CUDA graphs where it claims them). Exits 1 when anything fails."""
+    from dataclasses import asdict
+
+    from llmserve.plugins.conformance import run_checks
+
+    try:
+        report = run_checks(backend)
+    except ValueError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(asdict(report), indent=2) if as_json else report.table())
+    if report.failed:
+        raise typer.Exit(1)

@@ -4,7 +4,7 @@ import gc
 
 import pytest
 import torch
-from attention_reference import check_backend
+from llmserve.plugins.conformance import check_backend
 from conftest import assert_same_greedy_up_to_near_tie
 from test_gpu import PROMPTS, save_random, tiny
 

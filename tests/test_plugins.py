@@ -7,6 +7,7 @@ environment other than the example's own is tested in a subprocess.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -228,3 +229,36 @@ def test_platform_plugins_claim_the_machine(tmp_path):
     both = run([sys.executable, "-c", code], site)
     assert "more than one platform plugin claims this machine: " in both.stderr
     assert "llmserve-npu-platform" in both.stderr and "llmserve-xpu-platform" in both.stderr
+
+
+SCALE_IGNORED = '''from llmserve.plugins import hookimpl
+from llmserve_example_plugin.attention import ExampleAttentionBackend, attend
+
+
+class ScaleIgnoringBackend(ExampleAttentionBackend):
+    """A backend with a bug the conformance kit must catch: it always scales by 1/sqrt(head_dim)."""
+
+    name = "SCALE_IGNORED_ATTN"
+    attend = staticmethod(lambda q, keys, values, scale, window: attend(q, keys, values, q.shape[-1] ** -0.5, window))
+
+
+@hookimpl
+def llmserve_attention_backends():
+    return {"SCALE_IGNORED_ATTN": f"{__name__}:ScaleIgnoringBackend"}
+'''
+
+
+def test_conformance_kit_passes_the_example_backend_and_catches_a_broken_one(example_site, tmp_path):
+    passed = run([LLM_COMMAND, "plugins", "check", "EXAMPLE_ATTN"], example_site)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "EXAMPLE_ATTN on cpu:" in passed.stdout and " 0 failed, 1 refused" in passed.stdout
+    assert re.search(r"softcap=20.0 scale=0.3 +refused: does not support attention logit soft-capping", passed.stdout)
+    assert "engine   qwen3 float32 eager" in passed.stdout
+    broken_site = pip_install(tmp_path / "site", write_plugin(tmp_path / "broken", "llmserve-scale-ignored",
+                                                              "scale_ignored", SCALE_IGNORED))
+    broken = run([LLM_COMMAND, "plugins", "check", "SCALE_IGNORED_ATTN"], example_site, broken_site)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert re.search(r"block 16 window=21 +passed", broken.stdout)
+    assert re.search(r"block 16 scale=0.3 +failed: AssertionError", broken.stdout)
+    unknown = run([LLM_COMMAND, "plugins", "check", "NO_SUCH_ATTN"])
+    assert unknown.returncode == 2 and "unknown attention backend 'NO_SUCH_ATTN'" in unknown.stderr

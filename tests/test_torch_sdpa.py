@@ -1,7 +1,7 @@
 """TORCH_SDPA against the plain fp32 paged-attention reference, on the CPU."""
 import pytest
 import torch
-from attention_reference import check_backend
+from llmserve.plugins.conformance import check_backend
 
 from llmserve.backends.torch_sdpa import TorchSdpaBackend
 

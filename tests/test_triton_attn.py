@@ -13,7 +13,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when the kernels are defined: on first use
 pytest.importorskip("triton")
 
-from attention_reference import check_backend  # noqa: E402
+from llmserve.plugins.conformance import check_backend  # noqa: E402
 from llmserve.backends.triton_attn import TritonAttnBackend, write_kv  # noqa: E402
 from llmserve.interfaces import AttentionSpec, BatchLayout  # noqa: E402
 

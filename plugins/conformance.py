@@ -1,0 +1,239 @@
+"""The conformance kit every attention backend must pass, ours or a plugin's (`llm plugins check NAME`).
+
+Stage 1, kernels: one step of random paged batches through the backend against a plain fp32 reference (each request's
+keys and values gathered through its block table, masked softmax), over a grid of head sizes, GQA ratios, block
+sizes, windows and soft-caps, for mixed batches (prefill chunks over cached prefixes beside decodes) and decode-only
+ones. A case the backend declares it cannot run is listed as refused, with its reasons, not failed.
+Stage 2, engine: tiny random Llama and Qwen3 checkpoints served with the backend against TORCH_SDPA on the same
+weights: greedy tokens and logprobs (and with CUDA graphs where the backend claims them).
+"""
+import math
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from llmserve.interfaces import AttentionBackend, AttentionSpec, BatchLayout
+
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9)]  # (cached tokens, new tokens)
+DECODE = [(70, 1), (5, 1), (130, 1), (33, 1)]
+
+
+def reference(q, k, v, cache, tables, requests, scale, window, softcap=None) -> torch.Tensor:
+    """Each request's queries over its cached tokens (read through its block table) and its new ones, in fp32."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    block_size, group, start = cache.shape[2], q.shape[1] // k.shape[1], 0
+    for (context, n), table in zip(requests, tables):
+        pos = torch.arange(context, device=q.device)
+        blocks = torch.tensor(table, device=q.device, dtype=torch.long)[pos // block_size]
+        keys = torch.cat([cache[0, blocks, pos % block_size], k[start:start + n]]).float().repeat_interleave(group, 1)
+        values = torch.cat([cache[1, blocks, pos % block_size], v[start:start + n]]).float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:start + n].float(), keys) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        query_pos = torch.arange(context, context + n, device=q.device)[:, None]
+        key_pos = torch.arange(context + n, device=q.device)[None, :]
+        visible = key_pos <= query_pos
+        if window:
+            visible &= key_pos > query_pos - window
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, values)
+        start += n
+    return out
+
+
+def make_batch(requests, block_size: int):
+    """Block tables drawn from a shuffled pool, with a spare block each (the allocator may have one ready)."""
+    needed = [math.ceil((c + n) / block_size) + (1 if c + n else 0) for c, n in requests]
+    pool = torch.randperm(sum(needed) + 3).tolist()
+    tables, used = [], 0
+    for count in needed:
+        tables.append(pool[used:used + count])
+        used += count
+    slots = [table[p // block_size] * block_size + p % block_size
+             for (c, n), table in zip(requests, tables) for p in range(c, c + n)]
+    return tables, slots, len(pool)
+
+
+def check_backend(backend_cls, dtype, heads, kv_heads, head_dim, block_size, requests, window=None, device="cuda",
+                  configure=lambda backend: None, softcap=None, scale=None) -> None:
+    """One step of `requests` ((cached tokens, new tokens) each) through a backend against the reference; q, k and v
+    are views into one projection output, as the models pass them. Raises AssertionError on a mismatch."""
+    torch.manual_seed(zlib.crc32(repr((dtype, heads, kv_heads, head_dim, block_size, requests, window, softcap,
+                                       scale)).encode()))
+    tables, slots, num_blocks = make_batch(requests, block_size)
+    tokens = sum(n for _, n in requests)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device).to(dtype)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, device=device).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    backend = backend_cls(AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window, softcap),
+                          torch.device(device))
+    configure(backend)
+    layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), tables,
+                         torch.tensor(slots, dtype=torch.int64, device=device), block_size, torch.device(device))
+    layer = SimpleNamespace(layer_index=0, scale=scale or head_dim**-0.5, sliding_window=window,
+                            logit_softcap=softcap)
+    expected = reference(q, k, v, cache, tables, requests, layer.scale, window, softcap)
+    out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@dataclass
+class Outcome:
+    stage: str  # "kernels" or "engine"
+    case: str
+    result: str  # "passed", "failed" or "refused"
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    backend: str
+    platform: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.result == "failed" for o in self.outcomes)
+
+    def table(self) -> str:
+        width = max((len(o.case) for o in self.outcomes), default=4)
+        lines = [f"{self.backend} on {self.platform}:", f"  {'stage':<8} {'case':<{width}}  result"]
+        lines += [f"  {o.stage:<8} {o.case:<{width}}  {o.result}{': ' + o.detail if o.detail else ''}"
+                  for o in self.outcomes]
+        counts = {r: sum(o.result == r for o in self.outcomes) for r in ("passed", "failed", "refused")}
+        lines.append(f"{counts['passed']} passed, {counts['failed']} failed, {counts['refused']} refused")
+        return "\n".join(lines)
+
+
+def kernel_cases(device: str) -> list[dict]:
+    """The grid: head sizes, GQA ratios (MHA, 4:1, MQA), block sizes, windows, soft-caps; mixed and decode batches."""
+    dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+    cases = []
+    for dtype in dtypes:
+        for head_dim, heads, kv_heads in [(64, 4, 4), (128, 8, 2), (256, 4, 1), (96, 4, 2)]:
+            for block_size in (16, 32):
+                cases.append(dict(dtype=dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                  block_size=block_size, requests=MIXED))
+        cases += [dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=DECODE),
+                  dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, window=21),
+                  dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, scale=0.3),
+                  dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, softcap=20.0,
+                       scale=0.3)]
+    return cases
+
+
+def describe(case: dict) -> str:
+    dtype = str(case["dtype"]).removeprefix("torch.")
+    batch = "decode" if case["requests"] is DECODE else "mixed"
+    extras = "".join(f" {k}={case[k]}" for k in ("window", "softcap", "scale") if case.get(k))
+    return (f"{batch} {dtype} heads {case['heads']}/{case['kv_heads']} head_dim {case['head_dim']} "
+            f"block {case['block_size']}{extras}")
+
+
+def check_kernels(backend_cls: type[AttentionBackend], platform: str, device: str) -> list[Outcome]:
+    outcomes = []
+    for case in kernel_cases(device):
+        spec = AttentionSpec(case["heads"], case["kv_heads"], case["head_dim"], case["dtype"], case["block_size"],
+                             case.get("window"), case.get("softcap"))
+        reasons = backend_cls.why_unsupported(spec, platform)
+        if reasons:
+            outcomes.append(Outcome("kernels", describe(case), "refused", "; ".join(reasons)))
+            continue
+        try:
+            check_backend(backend_cls, device=device, **case)
+            outcomes.append(Outcome("kernels", describe(case), "passed"))
+        except Exception as e:  # a mismatch or a crash: either is this backend's failure, reported, not raised
+            outcomes.append(Outcome("kernels", describe(case), "failed", f"{type(e).__name__}: {str(e)[:300]}"))
+    return outcomes
+
+
+def tiny_checkpoint(architecture: str, folder: str) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    disable_progress_bars()
+
+    common = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    config = LlamaConfig(**common) if architecture == "llama" else Qwen3Config(**common, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+
+
+def engine_outputs(folder: str, backend: str, dtype: str, **engine_args) -> list:
+    from llmserve import LLM, SamplingParams
+
+    prompts = [[5, 17, 300, 1000, 12], list(range(200, 290)), [42] * 7, list(range(500, 537)), [11, 12]]
+    llm = LLM(model=folder, dtype=dtype, skip_tokenizer_init=True, attention_backend=backend, max_num_seqs=8,
+              max_num_batched_tokens=64, kv_cache_memory_bytes=(64 << 20) if dtype == "float32" else None,
+              **engine_args)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    del llm
+    return outputs
+
+
+def same_greedy(ours, theirs, tolerance: float) -> str | None:
+    """None when the tokens agree (or first differ at a near tie of the reference), else what differs."""
+    if ours.token_ids == theirs.token_ids:
+        for mine, reference, token in zip(ours.logprobs, theirs.logprobs, ours.token_ids):
+            if abs(mine[token].logprob - reference[token].logprob) > tolerance:
+                return f"logprob of token {token}: {mine[token].logprob:.4f} vs {reference[token].logprob:.4f}"
+        return None
+    j = next(i for i, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids)) if a != b)
+    top = theirs.logprobs[j]
+    if ours.token_ids[j] in top and abs(top[ours.token_ids[j]].logprob - top[theirs.token_ids[j]].logprob) < 0.1:
+        return None
+    return f"tokens differ at {j}: {ours.token_ids[j:j + 4]} vs {theirs.token_ids[j:j + 4]}"
+
+
+def check_engine(backend_cls: type[AttentionBackend], platform: str, device: str) -> list[Outcome]:
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    spec = AttentionSpec(8, 2, 64, getattr(torch, dtype), 16)
+    reasons = backend_cls.why_unsupported(spec, platform)
+    if reasons:
+        return [Outcome("engine", "tiny llama/qwen3", "refused", "; ".join(reasons))]
+    outcomes = []
+    modes = [("eager", {"enforce_eager": True})]
+    if device != "cpu" and backend_cls.supports_cuda_graphs:
+        modes.append(("cuda graphs", {}))
+    tolerance = 2e-3 if dtype == "float32" else 0.1
+    for architecture in ("llama", "qwen3"):
+        with tempfile.TemporaryDirectory() as folder:
+            tiny_checkpoint(architecture, folder)
+            expected = engine_outputs(folder, "TORCH_SDPA", dtype, enforce_eager=True)
+            for mode, args in modes:
+                case = f"{architecture} {dtype} {mode}"
+                try:
+                    problems = [p for p in (same_greedy(o, e, tolerance) for o, e in
+                                            zip(engine_outputs(folder, backend_cls.name, dtype, **args), expected))
+                                if p]
+                    outcomes.append(Outcome("engine", case, "failed" if problems else "passed", "; ".join(problems)))
+                except Exception as e:
+                    outcomes.append(Outcome("engine", case, "failed", f"{type(e).__name__}: {str(e)[:300]}"))
+    return outcomes
+
+
+def run_checks(name: str) -> Report:
+    """The whole kit for the backend registered as `name` on this machine's platform."""
+    from llmserve.plugins.manager import registry
+    from llmserve.plugins.select import current_platform
+
+    backends = registry().of("attention_backend")
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {', '.join(sorted(backends))}")
+    backend_cls, platform = backends[name].load(), current_platform()
+    device = platform.device().type
+    report = Report(name, platform.name)
+    report.outcomes += check_kernels(backend_cls, platform.name, device)
+    report.outcomes += check_engine(backend_cls, platform.name, device)
+    return report
