@@ -390,10 +390,16 @@ class TritonAttnBackend(AttentionBackend):
         out.slot_mapping.copy_(batch.slot_mapping, non_blocking=True)
         return out
 
+    def tile_config(self, head_dim: int, group: int, itemsize: int, decode: bool) -> TileConfig:
+        """The launch settings of the attention kernel (a platform's backend may tune its own)."""
+        return tile_config(head_dim, group, itemsize, decode)
+
     def forward(self, layer, q, k, v, kv_cache, metadata: TritonAttnMetadata) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, logit_softcap=layer.logit_softcap)
+        cfg = self.tile_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.element_size(),
+                               metadata.max_query_len == 1)
+        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, cfg, layer.logit_softcap)
         return out
 
 

@@ -14,7 +14,8 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from llmserve.plugins.conformance import check_backend  # noqa: E402
-from llmserve.backends.triton_attn import TritonAttnBackend, write_kv  # noqa: E402
+from llmserve.backends.rocm_attn import RocmAttnBackend, amd_tile_config  # noqa: E402
+from llmserve.backends.triton_attn import TritonAttnBackend, next_pow2, write_kv  # noqa: E402
 from llmserve.interfaces import AttentionSpec, BatchLayout  # noqa: E402
 
 GPU = DEVICE == "cuda"
@@ -27,11 +28,12 @@ def scaled(requests: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(c * SCALE, n * SCALE if n > 1 else n) for c, n in requests]
 
 
-def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None, **kwargs):
+def run_case(dtype, heads, kv_heads, head_dim, block_size, requests, window=None, segments=None,
+             backend_cls=TritonAttnBackend, **kwargs):
     def configure(backend: TritonAttnBackend) -> None:
         backend.kv_segments = segments
 
-    check_backend(TritonAttnBackend, dtype, heads, kv_heads, head_dim, block_size, requests, window, DEVICE, configure,
+    check_backend(backend_cls, dtype, heads, kv_heads, head_dim, block_size, requests, window, DEVICE, configure,
                   **kwargs)
 
 
@@ -129,3 +131,35 @@ def test_write_kv_skips_negative_slots(device):
     expected[1].view(-1, kv_heads, head_dim)[slots[keep]] = v[keep]
     write_kv(k, v, cache, slots)
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("case", ["mixed-gqa", "decode-mqa-split", "head-256-fp16", "window", "softcap", "head-96"])
+def test_rocm_attn_launch_settings(device, case):
+    """ROCM_ATTN's AMD tile settings through the same kernels (in the interpreter here: never run on AMD hardware)."""
+    rocm = dict(backend_cls=RocmAttnBackend)
+    heads, kv_heads = (32, 8) if GPU else (4, 2)
+    dtype = torch.bfloat16 if GPU else torch.float32
+    {"mixed-gqa": lambda: run_case(dtype, heads, kv_heads, 64, 16, scaled(MIXED), **rocm),
+     "decode-mqa-split": lambda: run_case(torch.bfloat16, heads, 1, 128, 32, scaled(DECODE), segments=4, **rocm),
+     "head-256-fp16": lambda: run_case(torch.float16, 2, 2, 256, 16, scaled([(20, 12), (33, 1), (0, 5)]), **rocm),
+     "window": lambda: run_case(dtype, heads, kv_heads, 128, 16, scaled(MIXED), window=21 * SCALE, **rocm),
+     "softcap": lambda: run_case(dtype, heads, kv_heads, 64, 16, scaled(MIXED), softcap=2.0, scale=0.3, **rocm),
+     "head-96": lambda: run_case(dtype, heads, kv_heads, 96, 16, scaled(MIXED), **rocm)}[case]()
+
+
+def test_amd_tiles_fit_the_lds_and_the_matrix_cores():
+    for head_dim in (64, 96, 128, 256):
+        for itemsize in (2, 4):
+            for decode in (True, False):
+                cfg = amd_tile_config(head_dim, 4, itemsize, decode)
+                assert cfg.block_m >= 16 and cfg.tile_n >= 16 and cfg.num_warps == 4
+                lds = (cfg.block_m + 2 * cfg.tile_n * cfg.num_stages) * next_pow2(head_dim) * itemsize
+                assert lds <= 64 << 10, (head_dim, itemsize, decode, cfg)
+
+
+def test_rocm_attn_is_refused_off_rocm():
+    spec = AttentionSpec(8, 2, 128, torch.bfloat16, 16)
+    assert RocmAttnBackend.why_unsupported(spec, "cpu") == ["runs on rocm, not on the cpu platform"]
+    assert RocmAttnBackend.why_unsupported(spec, "cuda") == ["runs on rocm, not on the cuda platform"]
+    assert RocmAttnBackend.why_unsupported(spec, "rocm") == []
