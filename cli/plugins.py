@@ -106,8 +106,12 @@ def check(backend: Annotated[str, typer.Argument(help="The attention backend to 
 
     from llmserve.plugins.conformance import run_checks
 
+    def progress(outcome) -> None:
+        if not as_json:
+            typer.echo(f"  {outcome.stage} {outcome.case}: {outcome.result}", err=True)
+
     try:
-        report = run_checks(backend)
+        report = run_checks(backend, progress)
     except ValueError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None

@@ -135,8 +135,8 @@ def describe(case: dict) -> str:
             f"block {case['block_size']}{extras}")
 
 
-def check_kernels(backend_cls: type[AttentionBackend], platform: str, device: str) -> list[Outcome]:
-    outcomes = []
+def check_kernels(backend_cls: type[AttentionBackend], platform: str, device: str, progress) -> list[Outcome]:
+    outcomes = Recorded(progress)
     for case in kernel_cases(device):
         spec = AttentionSpec(case["heads"], case["kv_heads"], case["head_dim"], case["dtype"], case["block_size"],
                              case.get("window"), case.get("softcap"))
@@ -196,13 +196,14 @@ def same_greedy(ours, theirs, tolerance: float) -> str | None:
     return f"tokens differ at {j}: {ours.token_ids[j:j + 4]} vs {theirs.token_ids[j:j + 4]}"
 
 
-def check_engine(backend_cls: type[AttentionBackend], platform: str, device: str) -> list[Outcome]:
+def check_engine(backend_cls: type[AttentionBackend], platform: str, device: str, progress) -> list[Outcome]:
     dtype = "float32" if device == "cpu" else "bfloat16"
     spec = AttentionSpec(8, 2, 64, getattr(torch, dtype), 16)
     reasons = backend_cls.why_unsupported(spec, platform)
+    outcomes = Recorded(progress)
     if reasons:
-        return [Outcome("engine", "tiny llama/qwen3", "refused", "; ".join(reasons))]
-    outcomes = []
+        outcomes.append(Outcome("engine", "tiny llama/qwen3", "refused", "; ".join(reasons)))
+        return outcomes
     modes = [("eager", {"enforce_eager": True})]
     if device != "cpu" and backend_cls.supports_cuda_graphs:
         modes.append(("cuda graphs", {}))
@@ -223,8 +224,21 @@ def check_engine(backend_cls: type[AttentionBackend], platform: str, device: str
     return outcomes
 
 
-def run_checks(name: str) -> Report:
-    """The whole kit for the backend registered as `name` on this machine's platform."""
+class Recorded(list):
+    """Outcomes, each also handed to `progress` as it comes (a kernel may compile for many seconds)."""
+
+    def __init__(self, progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def append(self, outcome: Outcome) -> None:
+        super().append(outcome)
+        self.progress(outcome)
+
+
+def run_checks(name: str, progress=lambda outcome: None) -> Report:
+    """The whole kit for the backend registered as `name` on this machine's platform; `progress` sees each outcome
+    as it comes."""
     from llmserve.plugins.manager import registry
     from llmserve.plugins.select import current_platform
 
@@ -234,6 +248,6 @@ def run_checks(name: str) -> Report:
     backend_cls, platform = backends[name].load(), current_platform()
     device = platform.device().type
     report = Report(name, platform.name)
-    report.outcomes += check_kernels(backend_cls, platform.name, device)
-    report.outcomes += check_engine(backend_cls, platform.name, device)
+    report.outcomes += check_kernels(backend_cls, platform.name, device, progress)
+    report.outcomes += check_engine(backend_cls, platform.name, device, progress)
     return report
