@@ -262,3 +262,18 @@ def test_conformance_kit_passes_the_example_backend_and_catches_a_broken_one(exa
     assert re.search(r"block 16 scale=0.3 +failed: AssertionError", broken.stdout)
     unknown = run([LLM_COMMAND, "plugins", "check", "NO_SUCH_ATTN"])
     assert unknown.returncode == 2 and "unknown attention backend 'NO_SUCH_ATTN'" in unknown.stderr
+
+
+def test_every_builtin_backend_says_why_it_cannot_run_here():
+    """On the CPU platform each GPU backend is refused with all its reasons, and selecting it says them."""
+    backends = registry().of("attention_backend")
+    reasons = {name: backends[name].load().why_unsupported(SPEC, "cpu") for name in
+               ("TRITON_ATTN", "ROCM_ATTN", "FLASHINFER", "TORCH_SDPA")}
+    assert reasons["TORCH_SDPA"] == []
+    assert reasons["TRITON_ATTN"][0] == "runs on cuda/rocm, not on the cpu platform"
+    assert reasons["ROCM_ATTN"][0] == "runs on rocm, not on the cpu platform"
+    assert reasons["FLASHINFER"][:2] == ["runs on cuda, not on the cpu platform",
+                                         "does not support dtype torch.float32"]
+    for name in ("TRITON_ATTN", "ROCM_ATTN"):
+        with pytest.raises(ValueError, match=f"attention backend {name} cannot run this model here: runs on "):
+            select_attention_backend(name, SPEC, CpuPlatform)
