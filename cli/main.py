@@ -8,6 +8,9 @@ MULTI_VALUE_OPTIONS = ("--api-key", "--served-model-name", "--allowed-origins", 
                        "--allowed-headers")
 
 
+SPREAD_OPTIONS: set[str] = set()  # the options that took several values after one flag on this command line
+
+
 def spread_values(args: list[str]) -> list[str]:
     """`--api-key k1 k2` -> `--api-key k1 --api-key k2`: the values after such a flag, up to the next option."""
     spread, option, taken = [], None, 0
@@ -17,6 +20,7 @@ def spread_values(args: list[str]) -> list[str]:
         elif option is not None:
             if taken:
                 spread.append(option)
+                SPREAD_OPTIONS.add(option)
             taken += 1
         spread.append(arg)
     return spread

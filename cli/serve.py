@@ -11,7 +11,7 @@ import uvicorn
 
 from llmserve.async_engine import AsyncEngine
 from llmserve.cli.engine_options import build_engine, engine_command
-from llmserve.cli.main import app
+from llmserve.cli.main import SPREAD_OPTIONS, app
 from llmserve.loader import DEFAULT_MODEL
 from llmserve.server.protocol import RequestLimits
 
@@ -74,6 +74,11 @@ def serve(
 
     if model and model_option and model != model_option:
         raise typer.BadParameter(f"MODEL {model!r} and --model {model_option!r} differ", param_hint="--model")
+    spread = sorted(SPREAD_OPTIONS & {"--api-key", "--served-model-name"})
+    if spread and not (model or model_option):  # was the last "value" meant as MODEL? Refuse to guess.
+        raise typer.BadParameter(f"{spread[0]} took several values and no MODEL was given: name MODEL before "
+                                 f"{spread[0]}, or give --model (--model {DEFAULT_MODEL} for the default)",
+                                 param_hint=spread[0])
     model = model or model_option
     if bool(ssl_keyfile) != bool(ssl_certfile):
         raise typer.BadParameter("give both --ssl-keyfile and --ssl-certfile", param_hint="--ssl-certfile")

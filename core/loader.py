@@ -97,7 +97,7 @@ def download_from_hub(repo_id: str) -> str:
 
     try:
         files = list_repo_files(repo_id)
-        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"  # OPT ships .bin
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin"
         return snapshot_download(repo_id, allow_patterns=["*.json", weights, "*.model", "*.txt", "*.jinja"])
     except Exception as e:
         raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}") from e
@@ -171,10 +171,11 @@ def checkpoint_files(folder: str, load_format: str = "auto") -> list[str]:
             if missing:
                 raise ValueError(f"{index!r} names shards that are not in the folder: {', '.join(missing)}")
             return [os.path.join(folder, n) for n in names]
-        paths = sorted(glob.glob(os.path.join(folder, f"*{ext}")))
+        pattern = "*.safetensors" if ext == ".safetensors" else "pytorch_model*.bin"  # not training_args.bin
+        paths = sorted(glob.glob(os.path.join(folder, pattern)))
         if paths:
             return paths
-    wanted = " or ".join(f"*{ext}" for ext in kinds)
+    wanted = " or ".join("*.safetensors" if ext == ".safetensors" else "pytorch_model*.bin" for ext in kinds)
     raise ValueError(f"no weights in {folder!r}: no {wanted} files (load_format={load_format!r})")
 
 

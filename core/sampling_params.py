@@ -45,6 +45,8 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(token): max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(bias)))
                                for token, bias in self.logit_bias.items()}
+        if self.allowed_token_ids:
+            self.allowed_token_ids = [int(token) for token in self.allowed_token_ids]
 
     def _validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:

@@ -88,7 +88,9 @@ class Guard:
         await self.guarded(scope, receive, send_with_id, headers)
 
     async def guarded(self, scope, receive, send, headers: dict) -> None:
-        needs_key = self.keys and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS"
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path  # uvicorn puts --root-path in front
+        needs_key = self.keys and route.startswith("/v1") and scope["method"] != "OPTIONS"
         if needs_key and not self.authorized(headers.get(b"authorization")):
             return await error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
                                         code="invalid_api_key")(scope, receive, send)
@@ -121,7 +123,7 @@ class Guard:
 
 def clean_request_id(raw: bytes | None) -> str:
     text = (raw or b"").decode("latin-1")[:REQUEST_ID_CHARS]
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in text)
 
 
 @dataclass
@@ -157,7 +159,9 @@ class Server:
                            "model", "model_not_found")
 
     def start(self, request_id: str, prompts: list, token_ids: list[list[int]], params: SamplingParams) -> RequestStream:
-        return self.engine.add_requests(request_id, prompts, params, token_ids)
+        """The engine's id is the response's plus a suffix of its own: a client may reuse its X-Request-Id while an
+        earlier request of that id is still being torn down."""
+        return self.engine.add_requests(f"{request_id}-{uuid.uuid4().hex[:8]}", prompts, params, token_ids)
 
     def check(self, body: SamplingRequest, request_id: str, token_ids: list[list[int]], max_tokens: int | None,
               logprobs: int | None) -> None:
@@ -189,7 +193,11 @@ class Server:
             function = body.tool_choice.function.name if mode == "named" else None
             tool_parser = ForcedToolCalls(function)
             forced = StructuredOutputsParams(json=tool_call_schema(tools, function, body.parallel_tool_calls))
+        # a grammar holds the reply from its first token: it never continues a reasoning the prompt opened
+        constrained = forced is not None or body.response_format is not None or body.structured_outputs is not None
         reasoning = self.parsing.reasoning_parser_class
+        if constrained and reasoning is not None and reasoning.starts_thinking:
+            reasoning = None
         if tool_parser is None and reasoning is None:
             return tools, None, None
         return tools, ReplyParser(reasoning and reasoning(), tool_parser, body.parallel_tool_calls), forced
@@ -351,11 +359,14 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         tools, reply_parser, forced = server.tool_plan(body)
         token_ids = [apply_chat_template(info.tokenizer, conversation, info.chat_template, body.add_generation_prompt,
                                          tools, body.chat_template_kwargs)]
-        max_tokens = body.max_completion_tokens or body.max_tokens or info.sampling_defaults.get("max_tokens")
+        max_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
+                          info.sampling_defaults.get("max_tokens"))
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         request_id = f"chatcmpl-{raw.state.request_id}"
         server.check(body, request_id, token_ids, max_tokens, top_logprobs)
         params = body.to_sampling_params(info.sampling_defaults, max_tokens, top_logprobs, structured_outputs=forced)
+        if reply_parser and reply_parser.tools and reply_parser.tools.needs_special_tokens:
+            params.skip_special_tokens = False  # the calls are marked by special tokens ([TOOL_CALLS])
         await server.prepare(params)
         stream = server.start(request_id, token_ids, token_ids, params)
         renderer = ChatRenderer(request_id, server.model_name, info.tokenizer, token_ids, params, body.logprobs,

@@ -211,6 +211,13 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: which call it answers
+    reasoning: str | None = None  # an earlier reply's reasoning, sent back: the template gets it as reasoning_content
+    reasoning_content: str | None = None
+    # fields of a reply message that clients send back as they got them; only empty ones are taken
+    refusal: None = None
+    annotations: list[Any] | None = Field(None, max_length=0)
+    audio: None = None
+    function_call: None = None
 
     def to_template_input(self) -> dict:
         """The message as chat templates read it (tool calls with their arguments parsed, as HF templates expect)."""
@@ -221,6 +228,8 @@ class ChatMessage(Strict):
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if (self.reasoning or self.reasoning_content) is not None:
+            message["reasoning_content"] = self.reasoning or self.reasoning_content
         if self.tool_calls:
             calls = []
             for i, call in enumerate(self.tool_calls):

@@ -63,8 +63,15 @@ def test_every_format_gives_the_same_tokens(checkpoints):
     assert tokens(checkpoints / "bin_sharded", load_format="pt") == expected
 
 
+def test_other_bin_files_beside_the_weights_are_not_read(checkpoints, tmp_path):
+    folder = tmp_path / "finetune"
+    shutil.copytree(checkpoints / "bin", folder)
+    (folder / "training_args.bin").write_bytes(b"not a state dict")  # fine-tunes ship this beside the weights
+    assert tokens(folder) == tokens(checkpoints / "single")
+
+
 def test_load_format_is_honoured(checkpoints):
-    with pytest.raises(ValueError, match=r"no \*\.bin files.*load_format='pt'"):
+    with pytest.raises(ValueError, match=r"no pytorch_model\*\.bin files.*load_format='pt'"):
         LLM(model=str(checkpoints / "single"), load_format="pt")
     with pytest.raises(ValueError, match=r"no \*\.safetensors files.*load_format='safetensors'"):
         LLM(model=str(checkpoints / "bin"), load_format="safetensors")

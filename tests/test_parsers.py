@@ -80,3 +80,45 @@ def test_forced_tool_calls_and_their_schema():
 def test_unknown_parser_is_named():
     with pytest.raises(ValueError, match="unknown tool parser 'nope'; registered: hermes, llama3_json, mistral"):
         load_parser("tool_parser", "nope")
+
+
+def test_streamed_reasoning_only_grows():
+    """Each partial reply's reasoning is a prefix of the next one's, and of the finished reply's."""
+    parser = reasoning_parser("qwen3")
+    full = "<think>\nLet me think.\n</think>\n\nHi"
+    seen = [parser.split(full[:n], finished=False)[0] or "" for n in range(len(full))]
+    final = parser.split(full, finished=True)[0]
+    assert final == "Let me think."
+    assert all(final.startswith(part) for part in seen)
+
+
+def test_required_tool_schema_hoists_definitions():
+    item = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": "a", "parameters": {
+        "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "$defs": {"Item": item}}}},
+             {"type": "function", "function": {"name": "b", "parameters": {"type": "object", "$defs": {"Item": item}}}}]
+    schema = tool_call_schema(tools, None, True)
+    assert schema["$defs"] == {"Item": item}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    clash = [tools[0], {"type": "function", "function": {"name": "c", "parameters": {"$defs": {"Item": {}}}}}]
+    with pytest.raises(ValueError, match=r"tools define \$defs/Item differently"):
+        tool_call_schema(clash, None, True)
+
+
+def test_parsers_of_special_token_markers_ask_for_special_tokens():
+    assert tool_parser("mistral").needs_special_tokens and tool_parser("llama3_json").needs_special_tokens
+    assert not tool_parser("hermes").needs_special_tokens
+
+
+def test_a_grammar_held_reply_is_not_read_as_reasoning_the_prompt_opened():
+    """DeepSeek-R1's parser takes a reply as reasoning until </think>; a forced tool call never writes one."""
+    from llmserve.server.app import ChatParsing, Server
+    from llmserve.server.protocol import ChatRequest, RequestLimits
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for parser, kept in (("deepseek_r1", False), ("qwen3", True)):
+        server = Server(None, ["m"], None, RequestLimits(), ChatParsing(reasoning_parser=parser))
+        _, reply, forced = server.tool_plan(ChatRequest(messages=[{"role": "user", "content": "Hi"}], tools=tools,
+                                                        tool_choice="required"))
+        assert forced is not None and (reply.reasoning is not None) == kept
+        assert reply.parse('[{"name": "f", "parameters": {}}]', True).tool_calls == [ToolCall("f", {})]

@@ -95,6 +95,29 @@ def test_tools_need_auto_tool_choice_enabled_or_another_choice(server):
     assert post(server, "/v1/chat/completions", CHAT | {"tools": tools, "tool_choice": "none"}).status_code == 200
 
 
+def test_a_reply_sent_back_as_received_is_accepted(server):
+    """Clients append the reply message they got (with its empty refusal, annotations, reasoning) to the next turn."""
+    reply = post(server, "/v1/chat/completions", CHAT).json()["choices"][0]["message"]
+    sent_back = reply | {"refusal": None, "annotations": [], "audio": None, "function_call": None,
+                         "reasoning": "thought about it"}
+    messages = CHAT["messages"] + [sent_back, {"role": "user", "content": "And then?"}]
+    assert post(server, "/v1/chat/completions", CHAT | {"messages": messages}).status_code == 200
+    refused = post(server, "/v1/chat/completions", CHAT | {"messages": [sent_back | {"refusal": "no"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages.0.refusal"
+
+
+def test_zero_max_tokens_is_refused_not_ignored(server):
+    reply = post(server, "/v1/chat/completions", CHAT | {"max_tokens": 0})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+
+
+def test_several_keys_without_a_model_is_refused_not_guessed():
+    from server_utils import run_cli
+
+    done = run_cli("serve", "--api-key", "secret", "Qwen/Qwen3-0.6B")
+    assert done.returncode == 2 and "--api-key took several values and no MODEL was given" in done.stderr
+
+
 def test_unknown_message_fields_are_refused(server):
     reply = post(server, "/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "Hi", "x": 1}]})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.0.x"
@@ -178,9 +201,10 @@ def test_tls_and_root_path(tmp_path):
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     process = ServerProcess("--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--root-path", "/llm",
-                            scheme="https", verify=str(cert))
+                            "--api-key", "k", scheme="https", verify=str(cert))
     try:
-        reply = httpx.get(f"{process.url}/v1/models", verify=str(cert))
+        assert httpx.get(f"{process.url}/v1/models", verify=str(cert)).status_code == 401  # the key still holds
+        reply = httpx.get(f"{process.url}/v1/models", verify=str(cert), headers={"Authorization": "Bearer k"})
         assert reply.status_code == 200 and reply.json()["data"][0]["id"] == "SmolLM2-135M-Instruct"
         assert httpx.get(f"{process.url}/openapi.json", verify=str(cert)).json()["servers"] == [{"url": "/llm"}]
         with pytest.raises(httpx.HTTPError):

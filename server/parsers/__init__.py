@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from llmserve.errors import ParamError
 from llmserve.plugins.manager import registry
 
 
@@ -36,6 +37,7 @@ class ReplyParts:
 class ToolParser(ABC):
     name: ClassVar[str]
     start: ClassVar[str]  # text that opens the tool calls: content before it is plain text
+    needs_special_tokens: ClassVar[bool] = False  # the markers are special tokens, which detokenizing would drop
 
     @abstractmethod
     def parse_calls(self, text: str) -> list[ToolCall]:
@@ -70,11 +72,14 @@ class ReasoningParser(ABC):
             if not finished and partial_prefix(stripped, self.open_tag) == len(stripped):
                 return None, ""  # the reply so far could be the start of "<think>"
             return None, text
+        stripped = stripped.lstrip("\n")  # the same while the reasoning streams as once it ends
         end = stripped.find(self.close_tag)
         if end < 0:
-            hold = 0 if finished else partial_prefix(stripped, self.close_tag)
-            return stripped[:len(stripped) - hold], ""
-        return stripped[:end].strip("\n"), stripped[end + len(self.close_tag):].lstrip("\n")
+            if finished:
+                return stripped, ""
+            # hold back what may start the close tag, and newlines that would go if it follows
+            return stripped[:len(stripped) - partial_prefix(stripped, self.close_tag)].rstrip("\n"), ""
+        return stripped[:end].rstrip("\n"), stripped[end + len(self.close_tag):].lstrip("\n")
 
 
 def partial_prefix(text: str, marker: str) -> int:
@@ -133,14 +138,22 @@ class ForcedToolCalls(ToolParser):
 
 
 def tool_call_schema(tools: list[dict], function: str | None, parallel: bool) -> dict:
-    """The JSON schema a forced reply must follow: the named function's parameters, or a list of calls."""
-    parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    """The JSON schema a forced reply must follow: the named function's parameters, or a list of calls. Each
+    function's `$defs` / `definitions` move to the top, where its `#/$defs/...` references resolve."""
+    parameters = {t["function"]["name"]: dict(t["function"].get("parameters") or {"type": "object"}) for t in tools}
     if function is not None:
         return parameters[function]
+    shared: dict[str, dict] = {}
+    for name, schema in parameters.items():
+        for key in ("$defs", "definitions"):
+            for definition, value in schema.pop(key, {}).items():
+                if shared.setdefault(key, {}).setdefault(definition, value) != value:
+                    raise ParamError("tools", f"tools define {key}/{definition} differently; rename one")
     calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
               "required": ["name", "parameters"], "additionalProperties": False}
              for name, schema in parameters.items()]
-    return {"type": "array", "items": {"anyOf": calls}, "minItems": 1} | ({} if parallel else {"maxItems": 1})
+    return ({"type": "array", "items": {"anyOf": calls}, "minItems": 1} | ({} if parallel else {"maxItems": 1})
+            | shared)
 
 
 @dataclass

@@ -8,6 +8,7 @@ PYTHON_TAG = "<|python_tag|>"
 
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
+    needs_special_tokens = True  # <|python_tag|> is a special token
     start = "{"
 
     def split(self, text: str, finished: bool):

@@ -10,6 +10,7 @@ ARGS = "[ARGS]"
 
 class MistralToolParser(ToolParser):
     name = "mistral"
+    needs_special_tokens = True  # [TOOL_CALLS] and [ARGS] are special tokens
     start = "[TOOL_CALLS]"
 
     def parse_calls(self, text: str) -> list[ToolCall]:
