@@ -20,7 +20,9 @@ class RequestLimits:
     max_stop_strings: int = 32
     max_stop_string_chars: int = 1024
     max_logprobs: int = 20  # logprobs / top_logprobs (the engine's max_logprobs)
-    max_request_tokens: int = 1 << 18  # n x max_tokens summed over the prompts (no max_tokens: the context)
+    # n x max_tokens summed over the prompts (no max_tokens: the rest of the context); high enough that n=16 without
+    # max_tokens on a 128k-context model passes, low enough that n=128 of them does not
+    max_request_tokens: int = 1 << 22
     allow_unknown_fields: bool = False  # vLLM's behaviour: log and drop fields the server does not know
 
 

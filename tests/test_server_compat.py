@@ -132,8 +132,8 @@ def test_unknown_message_fields_are_refused(server):
     ("/v1/completions", {"prompt": "Hi", "stop": "x" * 1025}, "stop"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, "logprobs"),
     ("/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", CHAT | {"n": 128, "max_tokens": 4000}, "max_tokens"),
-    ("/v1/completions", {"prompt": ["Hi"] * 200, "n": 2, "max_tokens": 1000}, "max_tokens"),
+    ("/v1/chat/completions", CHAT | {"n": 128, "max_tokens": 40000}, "max_tokens"),
+    ("/v1/completions", {"prompt": ["Hi"] * 200, "n": 32, "max_tokens": 1000}, "max_tokens"),
 ])
 def test_bounds_are_400s_naming_the_field_and_the_server_goes_on(server, path, body, param):
     reply = post(server, path, body)
