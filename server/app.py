@@ -79,13 +79,22 @@ class Guard:
         headers = dict(scope["headers"])
         request_id = clean_request_id(headers.get(b"x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        started = False
 
         async def send_with_id(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        await self.guarded(scope, receive, send_with_id, headers)
+        try:
+            await self.guarded(scope, receive, send_with_id, headers)
+        except Exception as e:  # unexpected: answered here, inside CORS and with the request id, not by Starlette
+            if started:
+                raise
+            logger.exception("request %s: internal error", request_id)
+            await error_response(500, f"internal error: {type(e).__name__}")(scope, receive, send_with_id)
 
     async def guarded(self, scope, receive, send, headers: dict) -> None:
         path, root = scope["path"], scope.get("root_path", "")

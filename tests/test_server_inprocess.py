@@ -88,6 +88,22 @@ def test_engine_fault_is_a_500_and_the_server_goes_on(served):
     assert complete(client, max_tokens=4).choices[0].text
 
 
+def test_unexpected_error_is_a_500_with_the_request_id(served):
+    engine, client = served
+    real_tokenize = engine.tokenize
+
+    def fail_once(prompt):
+        engine.tokenize = real_tokenize
+        raise RuntimeError("injected fault outside the engine")
+
+    engine.tokenize = fail_once
+    url = str(client.base_url) + "completions"
+    response = httpx.post(url, json={"model": "m", "prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "r-9"})
+    assert response.status_code == 500 and response.headers["x-request-id"] == "r-9"
+    assert response.json()["error"]["message"] == "internal error: RuntimeError"
+    assert complete(client, max_tokens=2).choices[0].text
+
+
 def test_dead_engine_is_a_503_on_health(served):
     engine, client = served
     engine.shutdown()
