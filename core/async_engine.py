@@ -14,7 +14,6 @@ from typing import Any
 
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
-from llmserve.errors import ParamError
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
@@ -156,9 +155,6 @@ class AsyncEngine:
         for token_ids in prompt_token_ids:
             self.engine.validate(token_ids, params)
         request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        if any(i in self.streams for i in request_ids):
-            raise ParamError("request_id", f"request id {request_id!r} is in use by a request in flight "
-                                           "(a client's X-Request-Id must be unique)")
         stream = RequestStream(self, request_ids)
         for child_id, prompt, token_ids in zip(request_ids, prompts, prompt_token_ids):
             self.streams[child_id] = stream

@@ -152,21 +152,33 @@ def check_kernels(backend_cls: type[AttentionBackend], platform: str, device: st
     return outcomes
 
 
-def tiny_checkpoint(architecture: str, folder: str) -> None:
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+def save_random_checkpoint(config, folder, layer_norms_near_one: bool = False, **save_kwargs) -> None:
+    """Random weights for an HF config (seed 0, normal(0, 0.2): large enough that the greedy path is not flat), saved
+    by transformers. `layer_norms_near_one`: LayerNorm weights near 1, as trained, else its random biases decide every
+    token."""
+    from transformers import AutoModelForCausalLM
 
-    disable_progress_bars()
-
-    common = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
-    config = LlamaConfig(**common) if architecture == "llama" else Qwen3Config(**common, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    model.save_pretrained(folder)
+        if layer_norms_near_one:
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                    module.weight += 1
+    model.save_pretrained(folder, **save_kwargs)
+
+
+def tiny_checkpoint(architecture: str, folder: str) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers import LlamaConfig, Qwen3Config
+
+    disable_progress_bars()
+    common = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    config = LlamaConfig(**common) if architecture == "llama" else Qwen3Config(**common, tie_word_embeddings=True)
+    save_random_checkpoint(config, folder)
 
 
 def engine_outputs(folder: str, backend: str, dtype: str, **engine_args) -> list:

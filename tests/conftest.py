@@ -66,19 +66,10 @@ RANDOM_MODEL_MAX_TOKENS = [12, 6, 9, 3]
 def save_random_model(config, folder, **save_kwargs) -> None:
     """Random weights for an HF config, saved by transformers (safetensors unless save_kwargs say otherwise), with the
     embedded model's tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     from llmserve.loader import find_model, load_tokenizer
+    from llmserve.plugins.conformance import save_random_checkpoint
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)  # large enough that the greedy path is not flat
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                module.weight += 1  # near 1, as trained: else the random biases decide every token
-    model.save_pretrained(folder, **save_kwargs)
+    save_random_checkpoint(config, folder, layer_norms_near_one=True, **save_kwargs)
     load_tokenizer(find_model(None)).save_pretrained(folder)
 
 

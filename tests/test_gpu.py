@@ -7,6 +7,7 @@ import torch
 from conftest import hf_greedy
 
 from llmserve import LLM, SamplingParams
+from llmserve.plugins.conformance import save_random_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHARED = list(range(300, 348))  # a 48-token prefix shared by some prompts: prefix-cache hits mid-batch
@@ -14,15 +15,7 @@ PROMPTS = [[5, 17, 300, 4000, 12], list(range(200, 290)), [42] * 7, SHARED + [7,
            list(range(1000, 1400)), [11, 12]]
 
 
-def save_random(config, folder) -> None:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(folder)
+save_random = save_random_checkpoint
 
 
 def tiny(architecture: str):

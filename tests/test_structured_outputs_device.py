@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmserve import LLM, SamplingParams, StructuredOutputsParams
+from llmserve.plugins.conformance import save_random_checkpoint
 
 GPU = torch.cuda.is_available()
 CORPUS = ['{"name": "Ann", "age": 31, "tags": ["a", "b"], "ok": true}', "The quick brown fox jumps over 0123456789"]
@@ -19,7 +20,7 @@ SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("random-llama")
     bpe = Tokenizer(models.BPE())
@@ -31,12 +32,7 @@ def model_folder(tmp_path_factory):
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(folder)
+    save_random_checkpoint(config, folder)
     return folder
 
 
