@@ -1,20 +1,28 @@
-"""TRITON_ATTN's kernels on a GPU: decode bandwidth against a device copy, prefill TFLOP/s against SDPA (flash).
+"""Every GPU attention backend side by side, one run: decode against the device's copy bandwidth, prefill in TFLOP/s.
 
-    python benchmarks/attention_kernels.py [--out results.json] [--sweep]
+    python benchmarks/attention_kernels.py [--backends TRITON_ATTN,FLASHINFER,FLASH_ATTN] [--out results.json]
+        [--end-to-end benchmarks/models/Qwen3-0.6B]
 
-(a) decode: 64 requests x 1024-token contexts, 32 query / 8 KV heads, head size 128, bf16, block size 16: KV bytes
-    read per call / time, next to torch's device-to-device copy bandwidth (bytes read + written / time).
-(b) prefill: 4 x 4096-token causal sequences over an empty cache, same heads: TFLOP/s next to
-    scaled_dot_product_attention on its flash backend (KV heads expanded), on the same shape.
-(c) long decode: 4 requests x 32768 tokens, where the split-KV path should pay off, with and without it.
-Each is checked against SDPA before it is timed; kernel times come from CUDA graphs of back-to-back calls (no
-Python launch cost), eager forward() calls (cache write + attention) are reported beside them. --sweep also times
-other tile configurations. A short table is printed last; --out writes everything as JSON.
+Shapes: 32 query / 8 KV heads, head size 128, bf16, block size 16 (--block-size), random block tables.
+  decode B64 x 1k, decode B16 x 8k, decode B4 x 32k: KV bytes read per call / time, as a fraction of torch's
+      device-to-device copy bandwidth (bytes read + written / time), the practical limit of a memory-bound kernel;
+  prefill 4 x 4k causal over an empty cache: TFLOP/s (causal: half of the two matmuls), beside torch's SDPA on its
+      flash backend on the same shape;
+  mixed: 4 prefill chunks of 512 tokens after 1536 cached ones beside 60 decodes at 2k.
+Each backend's forward() (the cache write and attention, as a model layer calls it) runs on the same inputs, is
+checked against the fp32 reference of the conformance kit, then timed from a CUDA graph of back-to-back calls (eager
+calls where a backend's step cannot be captured; the table says which). Per-step planning (build_metadata, shared
+by all layers) is not in the time. --end-to-end also runs the nano-vllm workload (`llm bench throughput`, 256
+requests, 100..1024 tokens in and out, dummy weights, CUDA graphs) with each backend, each in its own process.
+A short table is printed last; --out writes everything as JSON.
 """
 import argparse
 import json
 import math
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,29 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmserve.backends.triton_attn import TileConfig, TritonAttnBackend, attention, tile_config
 from llmserve.interfaces import AttentionSpec, BatchLayout
+from llmserve.plugins.conformance import reference
+from llmserve.plugins.manager import registry
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
-DECODE_SWEEP = [TileConfig(16, n, w, s) for n, w, s in [(32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2),
-                                                        (128, 4, 3), (64, 2, 3), (128, 8, 3)]]
-PREFILL_SWEEP = [TileConfig(m, n, w, s) for m, n, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-                                                           (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3),
-                                                           (128, 64, 4, 3), (64, 64, 4, 4)]]
-
-
-def timed(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Seconds per call of fn, replayed from a CUDA graph of `iters` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return min(elapsed(graph.replay) for _ in range(5)) / iters
+HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+CASES = {  # name -> requests as (cached tokens, new tokens)
+    "decode B64 x 1k": [(1023, 1)] * 64,
+    "decode B16 x 8k": [(8191, 1)] * 16,
+    "decode B4 x 32k": [(32767, 1)] * 4,
+    "prefill 4 x 4k causal": [(0, 4096)] * 4,
+    "mixed 4 x 512 chunks + 60 decodes": [(1536, 512)] * 4 + [(2047, 1)] * 60,
+}
 
 
 def elapsed(fn, iters: int = 1) -> float:
@@ -57,156 +54,175 @@ def elapsed(fn, iters: int = 1) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
+def timed(fn, iters: int = 20) -> tuple[float, str]:
+    """Seconds per call, replayed from a CUDA graph of `iters` calls; eager timing when the call cannot be captured."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return min(elapsed(graph.replay) for _ in range(5)) / iters, "graph"
+    except Exception:  # e.g. a library that synchronizes inside the call
+        torch.cuda.synchronize()
+        return min(elapsed(fn, iters) for _ in range(3)), "eager"
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy: bytes read + written per second."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    """A copy by the SMs (an elementwise kernel, as attention reads memory; a plain copy_ may go to the DMA engines,
+    which are slower): bytes read + written per second."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * nbytes / timed(lambda: dst.copy_(src), iters=10)
+    for _ in range(20):
+        torch.neg(src, out=dst)
+    return 2 * nbytes / timed(lambda: torch.neg(src, out=dst), iters=10)[0]
 
 
-class Setup:
-    """A batch of requests with `context` cached tokens each (random block tables) and `query_len` new ones."""
+class Batch:
+    """One step's inputs: a random cache, random block tables, the new tokens' q/k/v as views of one projection."""
 
-    def __init__(self, batch: int, context: int, query_len: int, segments: int | None = None) -> None:
-        seq_len = context + query_len
-        blocks = math.ceil(seq_len / BLOCK_SIZE)
-        self.spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, DTYPE, BLOCK_SIZE)
-        self.backend = TritonAttnBackend(self.spec, torch.device("cuda"))
-        self.backend.kv_segments = segments
-        self.cache = torch.randn(2, batch * blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        self.tables = torch.randperm(batch * blocks).view(batch, blocks).tolist()
-        positions = np.arange(context, seq_len)
-        slots = [t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for t in self.tables for p in positions]
-        layout = BatchLayout(np.full(batch, query_len), np.full(batch, context), self.tables,
-                             torch.tensor(slots, device="cuda"), BLOCK_SIZE, torch.device("cuda"))
-        self.md = self.backend.build_metadata(layout)
-        tokens = batch * query_len
-        self.q = torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        self.k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        self.v = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        self.out = torch.empty_like(self.q)
-        self.layer = SimpleNamespace(scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None)
-        self.batch, self.seq_len, self.query_len = batch, seq_len, query_len
-
-    def forward(self) -> torch.Tensor:
-        return self.backend.forward(self.layer, self.q, self.k, self.v, self.cache, self.md)
-
-    def attend(self, cfg: TileConfig | None = None) -> None:
-        attention(self.q, self.cache, self.out, self.md, self.layer.scale, None, cfg)
-
-    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each request's keys and values, [batch, heads, seq_len, head_dim], KV heads expanded."""
-        table = torch.tensor(self.tables, device="cuda")
-        pos = torch.arange(self.seq_len, device="cuda")
-        blocks, offsets = table[:, pos // BLOCK_SIZE], (pos % BLOCK_SIZE).expand(self.batch, -1)
-        return tuple(self.cache[i, blocks, offsets].transpose(1, 2).repeat_interleave(HEADS // KV_HEADS, 1)
-                     for i in (0, 1))
-
-    def sdpa_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = self.q.view(self.batch, self.query_len, HEADS, HEAD_DIM).transpose(1, 2)
-        return (q, *self.keys_values())
-
-    def check(self) -> float:
-        """Max abs difference of forward() from SDPA (flash for prefill, efficient for one query)."""
-        got = self.forward().view(self.batch, self.query_len, HEADS, HEAD_DIM).transpose(1, 2).float()
-        q, k, v = self.sdpa_inputs()
-        causal = self.query_len == self.seq_len
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.layer.scale).float()
-        return (got - want).abs().max().item()
+    def __init__(self, requests: list[tuple[int, int]], block_size: int) -> None:
+        self.requests, self.block_size = requests, block_size
+        blocks = [math.ceil((c + n) / block_size) for c, n in requests]
+        self.cache = torch.randn(2, sum(blocks), block_size, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        pool = torch.randperm(sum(blocks)).tolist()
+        self.tables = [pool[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(blocks))]
+        slots = [t[p // block_size] * block_size + p % block_size
+                 for (c, n), t in zip(requests, self.tables) for p in range(c, c + n)]
+        self.layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), self.tables,
+                                  torch.tensor(slots, device="cuda"), block_size, torch.device("cuda"))
+        qkv = torch.randn(len(slots), HEADS + 2 * KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        self.q, self.k, self.v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
+        self.layer = SimpleNamespace(layer_index=0, scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None)
 
     def kv_bytes(self) -> int:
-        return 2 * self.batch * self.seq_len * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        return 2 * sum(c + n for c, n in self.requests) * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+
+    def flops(self) -> int:  # two matmuls over the keys each query sees
+        return sum(4 * HEADS * HEAD_DIM * (n * c + n * (n + 1) // 2) for c, n in self.requests)
+
+    def max_error(self, out: torch.Tensor) -> float:
+        cache = self.cache.clone()
+        error, start = 0.0, 0
+        for i, (c, n) in enumerate(self.requests):  # one request at a time keeps the fp32 reference small
+            rows = slice(start, start + n)
+            want = reference(self.q[rows], self.k[rows], self.v[rows], cache, [self.tables[i]], [(c, n)],
+                             self.layer.scale, None)
+            error = max(error, (out[rows].float() - want).abs().max().item())
+            start += n
+        return error
 
 
-def sweep(setup: Setup, configs: list[TileConfig], metric) -> list[dict]:
-    rows = []
-    for cfg in configs:
-        try:
-            seconds = timed(lambda: setup.attend(cfg))
-            rows.append({"config": cfg.__dict__, "us": seconds * 1e6, **metric(seconds)})
-        except Exception as e:  # e.g. a tile that needs more shared memory than there is
-            rows.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        print(rows[-1], file=sys.stderr)
-    return rows
+def run_backend(name: str, batch: Batch) -> dict:
+    backend_cls = registry().of("attention_backend")[name].load()
+    spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, DTYPE, batch.block_size)
+    reasons = backend_cls.why_unsupported(spec, "cuda")
+    if reasons:
+        return {"refused": "; ".join(reasons)}
+    backend = backend_cls(spec, torch.device("cuda"))
+    metadata = backend.build_metadata(batch.layout)
 
+    def forward():
+        return backend.forward(batch.layer, batch.q, batch.k, batch.v, batch.cache, metadata)
 
-def decode(copy_bw: float, args) -> dict:
-    s = Setup(64, 1023, 1)
-    error = s.check()
-    seconds, eager = timed(s.attend), elapsed(s.forward, 50)
-    bandwidth = s.kv_bytes() / seconds
-    cfg = tile_config(HEAD_DIM, HEADS // KV_HEADS, DTYPE.itemsize, True)
-    result = {"batch": 64, "context": 1024, "max_abs_error_vs_sdpa": error, "segments": s.md.num_segments,
-              "config": cfg.__dict__, "kv_bytes": s.kv_bytes(), "us_per_call": seconds * 1e6,
-              "us_per_forward_eager": eager * 1e6, "kv_gb_per_s": bandwidth / 1e9, "copy_gb_per_s": copy_bw / 1e9,
-              "fraction_of_copy": bandwidth / copy_bw}
-    if args.sweep:
-        result["sweep"] = sweep(s, DECODE_SWEEP, lambda t: {"fraction_of_copy": s.kv_bytes() / t / copy_bw})
+    error = batch.max_error(forward())  # the reference reads the cache after the write: same keys either way
+    seconds, how = timed(forward, iters=10 if batch.flops() > 1e12 else 20)
+    result = {"us": seconds * 1e6, "timing": how, "max_abs_error": error,
+              "kv_gb_per_s": batch.kv_bytes() / seconds / 1e9, "tflops": batch.flops() / seconds / 1e12}
+    del backend, metadata
     return result
 
 
-def prefill(args, batch: int = 4, seq_len: int = 4096) -> dict:
-    s = Setup(batch, 0, seq_len)
-    error = s.check()
-    flops = 2 * batch * HEADS * seq_len * seq_len * HEAD_DIM  # causal: half of 2 matmuls of 2*S*S*D each
-    seconds, eager = timed(s.attend, iters=10), elapsed(s.forward, 10)
-    q, k, v = (t.contiguous() for t in s.sdpa_inputs())
+def sdpa_prefill(batch: Batch) -> dict:
+    n = batch.requests[0][1]
+    q = batch.q.reshape(len(batch.requests), n, HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    k = torch.randn(len(batch.requests), HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=10)
-    cfg = tile_config(HEAD_DIM, HEADS // KV_HEADS, DTYPE.itemsize, False)
-    result = {"batch": batch, "seq_len": seq_len, "max_abs_error_vs_sdpa": error, "config": cfg.__dict__,
-              "ms_per_call": seconds * 1e3, "ms_per_forward_eager": eager * 1e3, "tflops": flops / seconds / 1e12,
-              "sdpa_flash_ms": sdpa * 1e3, "sdpa_flash_tflops": flops / sdpa / 1e12, "ratio_to_sdpa": sdpa / seconds}
-    if args.sweep:
-        result["sweep"] = sweep(s, PREFILL_SWEEP, lambda t: {"tflops": flops / t / 1e12, "ratio_to_sdpa": sdpa / t})
-    return result
+        seconds, _ = timed(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True), iters=10)
+    return {"us": seconds * 1e6, "tflops": batch.flops() / seconds / 1e12}
 
 
-def long_decode(copy_bw: float, batch: int = 4, context: int = 32768) -> dict:
-    result = {"batch": batch, "context": context}
-    for name, segments in (("split", None), ("no_split", 1)):
-        s = Setup(batch, context - 1, 1, segments)
-        error = s.check()
-        bandwidth = s.kv_bytes() / timed(s.attend)
-        result[name] = {"segments": s.md.num_segments, "max_abs_error_vs_sdpa": error,
-                        "us_per_call": s.kv_bytes() / bandwidth * 1e6, "kv_gb_per_s": bandwidth / 1e9,
-                        "fraction_of_copy": bandwidth / copy_bw}
-        del s  # free its cache before the next one is made
-    return result
+def end_to_end(model: str, backends: list[str], block_size: int) -> dict:
+    results = {}
+    for name in backends:
+        out = Path(tempfile.mkdtemp()) / "result.json"
+        command = [sys.executable, "-m", "llmserve.cli", "bench", "throughput", "--model", model, "--load-format",
+                   "dummy", "--skip-tokenizer-init", "--dtype", "bfloat16", "--num-prompts", "256", "--input-len",
+                   "100:1024", "--output-len", "100:1024", "--max-num-seqs", "256", "--attention-backend", name,
+                   "--block-size", str(block_size),
+                   "--output-json", str(out), "--log-level", "warning"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        results[name] = json.loads(out.read_text()) if done.returncode == 0 else {"error": done.stderr[-500:]}
+        print(name, results[name], file=sys.stderr)
+    return results
 
 
-def table(r: dict) -> str:
-    d, p, ld = r["decode"], r["prefill"], r["long_decode"]
-    rows = [("case", "ours", "reference", "ratio", "target", "max err"),
-            (f"decode B{d['batch']} ctx{d['context']} (segments {d['segments']})",
-             f"{d['us_per_call']:.1f} us, {d['kv_gb_per_s']:.0f} GB/s", f"copy {d['copy_gb_per_s']:.0f} GB/s",
-             f"{d['fraction_of_copy']:.2f}", ">= 0.70", f"{d['max_abs_error_vs_sdpa']:.1e}"),
-            (f"prefill {p['batch']}x{p['seq_len']} causal", f"{p['ms_per_call']:.2f} ms, {p['tflops']:.0f} TFLOP/s",
-             f"SDPA flash {p['sdpa_flash_tflops']:.0f} TFLOP/s", f"{p['ratio_to_sdpa']:.2f}", ">= 0.60",
-             f"{p['max_abs_error_vs_sdpa']:.1e}")]
-    for name in ("split", "no_split"):
-        x = ld[name]
-        rows.append((f"decode B{ld['batch']} ctx{ld['context']} {name} ({x['segments']})",
-                     f"{x['us_per_call']:.1f} us, {x['kv_gb_per_s']:.0f} GB/s", f"copy {d['copy_gb_per_s']:.0f} GB/s",
-                     f"{x['fraction_of_copy']:.2f}", "", f"{x['max_abs_error_vs_sdpa']:.1e}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+def table(results: dict) -> str:
+    names = results["backends"]
+    header = ["case", *names, "SDPA flash", "FLASH_ATTN / best"]
+    rows = [header]
+    for case, by_backend in results["cases"].items():
+        prefill = case.startswith("prefill")
+        decode = case.startswith("decode")
+
+        def cell(r: dict) -> str:
+            if "refused" in r or "error" in r:
+                return "refused" if "refused" in r else "error"
+            figure = (f"{r['tflops']:.0f} TFLOP/s" if prefill else
+                      f"{r['kv_gb_per_s'] / results['copy_gb_per_s']:.2f} of copy" if decode else "")
+            return f"{r['us']:.0f} us {figure}".strip() + ("" if r["timing"] == "graph" else " (eager)")
+
+        times = {n: r["us"] for n, r in by_backend.items() if "us" in r}
+        ratio = (f"{min(times.values()) / times['FLASH_ATTN']:.2f}" if "FLASH_ATTN" in times else "")
+        sdpa = results.get("sdpa_prefill") if prefill else None
+        rows.append([case, *(cell(by_backend[n]) for n in names),
+                     f"{sdpa['us']:.0f} us {sdpa['tflops']:.0f} TFLOP/s" if sdpa else "", ratio])
+    if "end_to_end" in results:  # output tokens per second: higher is better
+        speed = {n: r["output_tokens_per_s"] for n, r in results["end_to_end"].items() if "output_tokens_per_s" in r}
+        rows.append(["nano-vllm workload, output tok/s", *(f"{speed[n]:.0f}" if n in speed else "error" for n in names),
+                     "", f"{speed['FLASH_ATTN'] / max(speed.values()):.2f}" if "FLASH_ATTN" in speed else ""])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([f"copy bandwidth {results['copy_gb_per_s']:.0f} GB/s (read + written)", *lines])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default="TRITON_ATTN,FLASHINFER,FLASH_ATTN")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--end-to-end", metavar="MODEL", help="also run the nano-vllm workload with each backend")
     parser.add_argument("--out", help="write the full results as JSON to this path")
-    parser.add_argument("--sweep", action="store_true", help="also time other tile configurations")
     args = parser.parse_args()
     torch.manual_seed(0)
-    copy_bw = copy_bandwidth()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "decode": decode(copy_bw, args), "prefill": prefill(args),
-               "long_decode": long_decode(copy_bw)}
+    names = args.backends.split(",")
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "block_size": args.block_size,
+               "backends": names, "cases": {}}
+    first_copy = copy_bandwidth()
+    for case, requests in CASES.items():
+        if args.cases and case not in args.cases.split(","):
+            continue
+        batch = Batch(requests, args.block_size)
+        results["cases"][case] = {}
+        for name in names:
+            try:
+                results["cases"][case][name] = run_backend(name, batch)
+            except Exception as e:  # one backend's failure is a cell of the table, not the end of the run
+                results["cases"][case][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(case, name, results["cases"][case][name], file=sys.stderr)
+        if case.startswith("prefill"):
+            results["sdpa_prefill"] = sdpa_prefill(batch)
+        del batch
+        torch.cuda.empty_cache()
+    results["copy_gb_per_s"] = max(first_copy, copy_bandwidth()) / 1e9  # the first may run before the clocks rise
+    if args.end_to_end:
+        results["end_to_end"] = end_to_end(args.end_to_end, names, args.block_size)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.out).write_text(json.dumps(results, indent=2))
     print(table(results))
 
 

@@ -11,6 +11,7 @@ import typer
 
 from llmserve.cli.main import app
 from llmserve.interfaces import AttentionSpec, Platform
+from llmserve.plugins.conformance import DEFAULT_MODELS
 from llmserve.plugins.manager import ENTRY_POINT_GROUP, Registration, registry
 from llmserve.plugins.select import current_platform
 
@@ -25,11 +26,14 @@ def describe(r: Registration) -> dict:
 
 
 def describe_backend(r: Registration, spec: AttentionSpec, platform: str) -> dict:
+    details = []
     try:
-        reasons = r.load().why_unsupported(spec, platform)
+        backend = r.load()
+        reasons = backend.why_unsupported(spec, platform)
+        details = backend.details(spec, platform) if not reasons else []
     except RuntimeError as e:  # the backend's module failed to import
         reasons = [str(e)]
-    return describe(r) | {"available": not reasons, "reasons": reasons}
+    return describe(r) | {"available": not reasons, "reasons": reasons, "details": details}
 
 
 def failure(plugin: str, error: str) -> dict:
@@ -66,7 +70,7 @@ def render(listing: dict) -> str:
              f"block size {s['block_size']}):"]
     backends = listing["attention_backends"]
     for backend, row in zip(backends, rows(backends, lambda e: "ok  " if e["available"] else "no  "), strict=True):
-        lines += [row, *(f"        - {reason}" for reason in backend["reasons"])]
+        lines += [row, *(f"        - {line}" for line in backend["reasons"] + backend["details"])]
     lines += ["Model architectures:", *rows(listing["models"]), "Tool-call parsers (--tool-call-parser):",
               *rows(listing["tool_parsers"]), "Reasoning parsers (--reasoning-parser):",
               *rows(listing["reasoning_parsers"])]
@@ -98,20 +102,24 @@ def plugins(ctx: typer.Context,
 
 @plugins_app.command("check")
 def check(backend: Annotated[str, typer.Argument(help="The attention backend to check, e.g. TRITON_ATTN.")],
+          models: Annotated[str, typer.Option(
+              "--models", help="Architectures for the engine stage, comma-separated, or 'all'.")] = ",".join(
+              DEFAULT_MODELS),
           as_json: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON.")] = False) -> None:
     """Run an attention backend (ours or a plugin's) through the conformance kit on this machine: its kernels against
     the fp32 paged-attention reference over a grid of shapes, then the engine with it against TORCH_SDPA on tiny
-    random Llama and Qwen3 models (with CUDA graphs where it claims them). Exits 1 when anything fails."""
+    random models (Llama and Qwen3 unless --models says otherwise; with CUDA graphs where it claims them). Exits 1 when
+    anything fails."""
     from dataclasses import asdict
 
-    from llmserve.plugins.conformance import run_checks
+    from llmserve.plugins.conformance import model_configs, run_checks
 
     def progress(outcome) -> None:
         if not as_json:
             typer.echo(f"  {outcome.stage} {outcome.case}: {outcome.result}", err=True)
 
     try:
-        report = run_checks(backend, progress)
+        report = run_checks(backend, progress, list(model_configs()) if models == "all" else models.split(","))
     except ValueError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None

@@ -71,7 +71,7 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
               "must be >= 1")
-        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of two up to 128")
+        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", "must be a power of two up to 256")
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be > 0")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")

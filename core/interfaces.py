@@ -99,6 +99,11 @@ class AttentionBackend(ABC):
                 reasons.append(f"needs the package {requirement!r}: pip install {requirement}")
         return reasons
 
+    @classmethod
+    def details(cls, spec: AttentionSpec, platform: str) -> list[str]:
+        """Lines for `llm plugins` and the log when it is picked: e.g. which of several implementations it uses."""
+        return []
+
     def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
         self.spec = spec
         self.device = device

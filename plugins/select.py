@@ -37,14 +37,17 @@ def select_attention_backend(requested: str | None, spec: AttentionSpec,
         reasons = cls.why_unsupported(spec, platform.name)
         if reasons:
             raise ValueError(f"attention backend {requested} cannot run this model here: " + "; ".join(reasons))
+        logger.info("attention backend %s, as asked%s", requested, "".join(f"; {d}" for d in
+                                                                        cls.details(spec, platform.name)))
         return cls
     rejected = []
     for name in [n for n in platform.attention_backends if n in backends]:
         cls = backends[name].load()
         reasons = cls.why_unsupported(spec, platform.name)
         if not reasons:
-            logger.info("attention backend %s picked: the %s platform's first choice that supports this model%s",
-                        name, platform.name, f" (skipped {'; '.join(rejected)})" if rejected else "")
+            logger.info("attention backend %s picked: the %s platform's first choice that supports this model%s%s",
+                        name, platform.name, f" (skipped {'; '.join(rejected)})" if rejected else "",
+                        "".join(f"; {d}" for d in cls.details(spec, platform.name)))
             return cls
         rejected.append(f"{name}: {', '.join(reasons)}")
     raise ValueError(f"no attention backend of the {platform.name} platform can run this model: " + "; ".join(rejected))

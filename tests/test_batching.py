@@ -81,3 +81,14 @@ def test_abort_during_async_continuation_frees_blocks():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert sorted(done) == ["0", "2"] and all(len(o.outputs[0].token_ids) == 40 for o in done.values())
     assert engine.kv.num_used_blocks == 0 and not engine.scheduler.running
+
+
+def test_blocks_of_256_tokens_give_the_same_tokens(llm):
+    """Pages of 256 tokens (what FlashAttention-2's paged kernels take) through the whole engine on TORCH_SDPA."""
+    from llmserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["The capital of France is", "word " * 300]
+    big = LLM(dtype="float32", block_size=256, max_num_batched_tokens=128)
+    assert [o.outputs[0].token_ids for o in big.generate(prompts, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -63,5 +63,7 @@ def test_hub_id_without_network():
 def test_bad_engine_args():
     with pytest.raises(ValueError, match="block_size"):
         LLM(block_size=3)
+    with pytest.raises(ValueError, match="block_size.*up to 256"):
+        LLM(block_size=512)
     with pytest.raises(ValueError, match="unknown engine argument.*not_an_option"):
         LLM(not_an_option=1)

@@ -1,14 +1,16 @@
-"""Every architecture on a CUDA GPU in bfloat16 (skipped without one): TRITON_ATTN and FLASHINFER with CUDA graphs give
-TORCH_SDPA's greedy tokens on the same random weights, up to bf16 near ties, or refuse the model with the reason."""
+"""Every architecture on a CUDA GPU in bfloat16 (skipped without one): TRITON_ATTN, FLASHINFER and FLASH_ATTN with CUDA
+graphs give TORCH_SDPA's greedy tokens on the same random weights, up to bf16 near ties, or refuse the model with the reason."""
 import gc
 
 import pytest
 import torch
 from conftest import assert_same_greedy_up_to_near_tie
-from model_configs import configs
+from llmserve.plugins.conformance import model_configs as configs
 from test_gpu import PROMPTS, save_random
 
 from llmserve import LLM, SamplingParams
+from llmserve.backends.flash_attn import pick
+from llmserve.interfaces import AttentionSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,11 +26,13 @@ def run(folder, backend: str, **engine_args):
     return [o.outputs[0] for o in outputs]
 
 
-@pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASHINFER"])
+@pytest.mark.parametrize("backend", ["TRITON_ATTN", "FLASHINFER", "FLASH_ATTN"])
 @pytest.mark.parametrize("architecture", list(configs()))
 def test_graphs_on_gpu_backends_equal_torch_sdpa(tmp_path, architecture, backend):
     if backend == "FLASHINFER":
         pytest.importorskip("flashinfer")
+    if backend == "FLASH_ATTN" and not pick(AttentionSpec(4, 2, 64, torch.bfloat16, 16))[0]:
+        pytest.skip("no FlashAttention implementation here")
     config = configs()[architecture]
     config.architectures = [architecture]
     save_random(config, tmp_path)

@@ -253,7 +253,7 @@ def test_conformance_kit_passes_the_example_backend_and_catches_a_broken_one(exa
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert "EXAMPLE_ATTN on cpu:" in passed.stdout and " 0 failed, 1 refused" in passed.stdout
     assert re.search(r"softcap=20.0 scale=0.3 +refused: does not support attention logit soft-capping", passed.stdout)
-    assert "engine   qwen3 float32 eager" in passed.stdout
+    assert "engine   Qwen3ForCausalLM float32 eager" in passed.stdout
     broken_site = pip_install(tmp_path / "site", write_plugin(tmp_path / "broken", "llmserve-scale-ignored",
                                                               "scale_ignored", SCALE_IGNORED))
     broken = run([LLM_COMMAND, "plugins", "check", "SCALE_IGNORED_ATTN"], example_site, broken_site)
@@ -268,12 +268,15 @@ def test_every_builtin_backend_says_why_it_cannot_run_here():
     """On the CPU platform each GPU backend is refused with all its reasons, and selecting it says them."""
     backends = registry().of("attention_backend")
     reasons = {name: backends[name].load().why_unsupported(SPEC, "cpu") for name in
-               ("TRITON_ATTN", "ROCM_ATTN", "FLASHINFER", "TORCH_SDPA")}
+               ("TRITON_ATTN", "ROCM_ATTN", "FLASHINFER", "FLASH_ATTN", "TORCH_SDPA")}
     assert reasons["TORCH_SDPA"] == []
     assert reasons["TRITON_ATTN"][0] == "runs on cuda/rocm, not on the cpu platform"
     assert reasons["ROCM_ATTN"][0] == "runs on rocm, not on the cpu platform"
     assert reasons["FLASHINFER"][:2] == ["runs on cuda, not on the cpu platform",
                                          "does not support dtype torch.float32"]
-    for name in ("TRITON_ATTN", "ROCM_ATTN"):
+    assert reasons["FLASH_ATTN"][:2] == reasons["FLASHINFER"][:2]
+    assert reasons["FLASH_ATTN"][2].startswith("no FlashAttention implementation can run it: flash_attn (FlashAttention-2"
+                                               "): not installed: pip install flash-attn --no-build-isolation | ")
+    for name in ("TRITON_ATTN", "ROCM_ATTN", "FLASH_ATTN"):
         with pytest.raises(ValueError, match=f"attention backend {name} cannot run this model here: runs on "):
             select_attention_backend(name, SPEC, CpuPlatform)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from conftest import assert_greedy_matches_hf
-from model_configs import configs
+from llmserve.plugins.conformance import model_configs as configs
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads it when the kernels are first defined
