@@ -105,6 +105,8 @@ def check(backend: Annotated[str, typer.Argument(help="The attention backend to 
           models: Annotated[str, typer.Option(
               "--models", help="Architectures for the engine stage, comma-separated, or 'all'.")] = ",".join(
               DEFAULT_MODELS),
+          stages: Annotated[str, typer.Option(
+              "--stages", help="Which stages, comma-separated: kernels, engine.")] = "kernels,engine",
           as_json: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON.")] = False) -> None:
     """Run an attention backend (ours or a plugin's) through the conformance kit on this machine: its kernels against
     the fp32 paged-attention reference over a grid of shapes, then the engine with it against TORCH_SDPA on tiny
@@ -119,7 +121,11 @@ def check(backend: Annotated[str, typer.Argument(help="The attention backend to 
             typer.echo(f"  {outcome.stage} {outcome.case}: {outcome.result}", err=True)
 
     try:
-        report = run_checks(backend, progress, list(model_configs()) if models == "all" else models.split(","))
+        unknown = set(stages.split(",")) - {"kernels", "engine"}
+        if unknown:
+            raise ValueError(f"unknown stage {', '.join(sorted(unknown))}; the stages are kernels and engine")
+        report = run_checks(backend, progress, list(model_configs()) if models == "all" else models.split(","),
+                            tuple(stages.split(",")))
     except ValueError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None
