@@ -65,7 +65,8 @@ def window_size(window: int | None) -> tuple[int, int]:
 
 def fa2_missing() -> str | None:
     # flash-attn-4 installs the namespace package flash_attn (holding only flash_attn.cute): look for FA2's module.
-    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.flash_attn_interface") is None:
+    if (importlib.util.find_spec("flash_attn") is None
+            or importlib.util.find_spec("flash_attn.flash_attn_interface") is None):
         return "not installed: pip install flash-attn --no-build-isolation"
     return None
 
@@ -137,11 +138,7 @@ def torch_missing() -> str | None:
 
 
 def torch_limits(spec: AttentionSpec) -> list[str]:
-    reasons = [] if spec.block_size % 256 == 0 else [
-        f"its paged kernels need a block size that is a multiple of 256, not {spec.block_size} "
-        "(--block-size 256)"]
-    if spec.head_dim > 256 or spec.head_dim % 8:
-        reasons.append(f"supports head sizes up to 256 in steps of 8, not {spec.head_dim}")
+    reasons = fa2_limits(spec)  # the same FlashAttention-2 kernels, without the soft-cap
     if spec.logit_softcap:
         reasons.append("has no soft-cap")
     return reasons
