@@ -36,20 +36,23 @@ HELP = {
     "enforce_eager": "Run every step eagerly (no CUDA graphs for decode).",
     "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
+    "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
+                            "cores).",
 }
 # vLLM's engine options that llmserve takes with the values it supports today (others are refused, saying why)
 VLLM_OPTIONS = {"trust_remote_code": bool, "revision": Optional[str], "tokenizer_revision": Optional[str],
                 "download_dir": Optional[str], "tokenizer_mode": str, "enable_chunked_prefill": Optional[bool],
-                "quantization": Optional[str], "kv_cache_dtype": str, "tensor_parallel_size": int,
-                "pipeline_parallel_size": int, "disable_log_stats": bool}
+                "quantization": Optional[str], "kv_cache_dtype": str, "pipeline_parallel_size": int, "disable_log_stats": bool}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
                                                                            "(default: the embedded model).")]
 
 
-def option(name: str, annotation: Any, help: str | None = None, panel: str = "Engine") -> inspect.Parameter:
+def option(name: str, annotation: Any, help: str | None = None, panel: str = "Engine",
+           aliases: tuple[str, ...] = ()) -> inspect.Parameter:
+    flags = (f"--{name.replace('_', '-')}", *aliases) if aliases else ()
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS[name], annotation=Annotated[
-        annotation, typer.Option(help=help or HELP[name], rich_help_panel=panel)])
+        annotation, typer.Option(*flags, help=help or HELP[name], rich_help_panel=panel)])
 
 
 def vllm_option(name: str, annotation: Any) -> inspect.Parameter:
@@ -66,7 +69,7 @@ ENGINE_PARAMETERS = [
     option("chat_template", Optional[str]), option("generation_config", str), option("tokenizer", Optional[str]),
     option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
-    option("max_logprobs", int),
+    option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
 ] + [vllm_option(name, annotation) for name, annotation in VLLM_OPTIONS.items()]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
     str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])

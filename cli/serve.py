@@ -103,9 +103,12 @@ def serve(
                             log_level=logging.getLogger().level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)
     try:
-        GracefulServer(config).run()
+        GracefulServer(config, engine).run()
     finally:
         engine.shutdown()
+    if engine.error is not None:  # the engine died (a tensor-parallel rank, say): a supervisor should restart us
+        typer.echo(f"llmserve stopped: the engine died ({type(engine.error).__name__}: {engine.error})", err=True)
+        raise typer.Exit(1)
     typer.echo("llmserve stopped")
 
 
@@ -119,7 +122,17 @@ def json_list(values: list[str] | None) -> list[str]:
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, except that after SIGINT/SIGTERM it returns (once requests are done or aborted)
-    instead of re-raising the signal, which would kill the process before the engine stops."""
+    instead of re-raising the signal, which would kill the process before the engine stops; and that it stops
+    when the engine dies (/health has answered 503 since)."""
+
+    def __init__(self, config: uvicorn.Config, engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.engine.alive and counter % 10 == 0:  # ticks are 0.1 s: a second for /health to say 503
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self):

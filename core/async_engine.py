@@ -14,6 +14,7 @@ from typing import Any
 
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
+from llmserve.executor import WorkerDied
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
@@ -178,11 +179,14 @@ class AsyncEngine:
             while not self.stopping:
                 self.apply_commands()
                 if not self.engine.has_unfinished_requests():
-                    self.wakeup.wait()
+                    self.wakeup.wait(timeout=1.0)  # idle: still notice a dead worker within a second
                     self.wakeup.clear()
+                    self.engine.check_health()
                     continue
                 try:
                     outputs = self.engine.step()
+                except WorkerDied:
+                    raise  # the engine cannot go on: it stops, /health turns 503 and the server exits
                 except Exception as e:
                     logger.exception("engine step failed; aborting the %d requests in flight", len(self.streams))
                     self.fail_all(EngineFault(f"the engine failed: {type(e).__name__}: {e}"))

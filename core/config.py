@@ -19,8 +19,7 @@ SUPPORTED_ONLY = {
                                              "True"),
     "quantization": ((None,), "quantized weights are not supported yet; GGUF files are dequantized on load"),
     "kv_cache_dtype": (("auto",), "the KV cache has the model's dtype; supported: 'auto'"),
-    "tensor_parallel_size": ((1,), "one device per engine today; supported: 1"),
-    "pipeline_parallel_size": ((1,), "one device per engine today; supported: 1"),
+    "pipeline_parallel_size": ((1,), "pipeline stages are not built yet; use tensor_parallel_size; supported: 1"),
 }
 
 
@@ -78,6 +77,7 @@ class EngineConfig:
         check(self.load_format != "gguf" or str(self.model).endswith(".gguf"), "load_format",
               f"'gguf' needs a .gguf model file (model={self.model!r})")
         check(self.max_logprobs >= 0, "max_logprobs", "must be >= 0")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         for name, (supported, why) in SUPPORTED_ONLY.items():
             check(getattr(self, name) in supported, name, f"is not supported with this value yet ({why})")
 

@@ -9,6 +9,7 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.errors import ParamError
+from llmserve.executor import Workers
 from llmserve.kv_cache import KVCacheManager
 from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
 from llmserve.model_runner import Launched, ModelRunner, StepResult
@@ -39,6 +40,23 @@ class RequestGroup:
         return all(c.finished for c in self.children)
 
 
+def resolve_max_model_len(config: EngineConfig, hf_config, num_blocks: int) -> int:
+    """max_model_len as asked (checked against the model's limit and the KV cache), else the most both allow."""
+    model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    requested = config.max_model_len
+    if requested and requested > model_limit:
+        raise ValueError(f"max_model_len {requested} is larger than the model's limit {model_limit}")
+    length = requested or model_limit
+    capacity = num_blocks * config.block_size
+    if capacity < length:
+        if requested:
+            raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len {length}; "
+                             "raise kv_cache_memory_bytes or lower max_model_len")
+        logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", length, capacity)
+        length = capacity
+    return length
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.platform = current_platform()
@@ -51,8 +69,11 @@ class LLMEngine:
             find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
+        workers = Workers(config, self.model_path, self.hf_config, self.platform) if config.tensor_parallel_size > 1 \
+            else None
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
-        self.max_model_len = self.resolve_max_model_len()
+        self.runner.workers = workers
+        self.max_model_len = resolve_max_model_len(config, self.hf_config, self.runner.num_blocks)
         self.runner.prepare_decode(self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
@@ -63,26 +84,12 @@ class LLMEngine:
                                  if self.tokenizer is not None else None)
         self.ids = itertools.count()
         self.inflight: Launched | None = None  # a launched continuation step, not yet read
+        # a continuation takes its tokens from rank 0's device, which the other tensor-parallel ranks cannot see
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.runner.device.type == "cuda")
+                                 else self.runner.device.type == "cuda") and config.tensor_parallel_size == 1
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0}
         logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,
                     self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)
-
-    def resolve_max_model_len(self) -> int:
-        model_limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        requested = self.config.max_model_len
-        if requested and requested > model_limit:
-            raise ValueError(f"max_model_len {requested} is larger than the model's limit {model_limit}")
-        length = requested or model_limit
-        capacity = self.runner.num_blocks * self.config.block_size
-        if capacity < length:
-            if requested:
-                raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len {length}; "
-                                 "raise kv_cache_memory_bytes or lower max_model_len")
-            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", length, capacity)
-            length = capacity
-        return length
 
     def find_eos_token_ids(self) -> frozenset[int]:
         ids = getattr(self.hf_config, "eos_token_id", None)
@@ -194,6 +201,11 @@ class LLMEngine:
             if not child.finished:
                 child.finish_reason = "abort"
                 self.scheduler.finish(child)
+
+    def check_health(self) -> None:
+        """Raise WorkerDied when a tensor-parallel rank has exited (vLLM's name)."""
+        if self.runner.workers is not None:
+            self.runner.workers.check_alive()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.distributed import min_over_ranks
 from llmserve.interfaces import BatchLayout, Platform
 from llmserve.loader import iter_weights
 from llmserve.plugins.select import model_class, select_attention_backend
@@ -59,6 +60,27 @@ class PinnedUploads:
 
 
 @dataclass
+class StepPlan:
+    """One step's model inputs on the host (no Request objects): what rank 0 sends the other tensor-parallel ranks."""
+
+    query_lens: np.ndarray  # [B] int64, padding rows included
+    num_computed: np.ndarray  # [B] int64
+    block_tables: list[list[int]]
+    input_ids: np.ndarray  # [T] int64 (zeros for a continuation: the device copy fills them)
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64, -1 for padding
+    graph_size: int | None  # the captured CUDA graph it runs in (None: eager)
+    sample_rows: list[int]  # batch rows that sample a token
+    prompt_spans: list[tuple[int, int, int]]  # (batch row, first flat token, count) of prompt logprobs asked for
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor | None  # [len(sample_rows), V]
+    prompt_logits: dict[int, torch.Tensor]  # batch row -> [count, V]
+
+
+@dataclass
 class StepResult:
     sampled: list[Request]  # requests that caught up with their tokens and got a new one
     sampler_output: SamplerOutput | None
@@ -66,10 +88,11 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str, hf_config, platform: type[Platform]) -> None:
+    def __init__(self, config: EngineConfig, model_path: str, hf_config, platform: type[Platform],
+                 device: torch.device | None = None) -> None:
         self.config, self.platform = config, platform
         self.max_positions = getattr(hf_config, "max_position_embeddings", None)
-        self.device = torch.device(config.device) if config.device else platform.device()
+        self.device = device or (torch.device(config.device) if config.device else platform.device())
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
         self.dtype = resolve_dtype(config.dtype, model_dtype, platform.default_dtype())
@@ -86,6 +109,7 @@ class ModelRunner:
         platform.prepare_model(self.model)
         self.uploads = PinnedUploads(64 << 20, self.device) if self.device.type == "cuda" else None
         self.graphs = None
+        self.workers = None  # the other tensor-parallel ranks, on rank 0 (executor.Workers)
         if self.device.type == "cuda" and not config.kv_cache_memory_bytes:
             self.profile_peak_memory()
         self.num_blocks = self.allocate_kv_cache()
@@ -154,7 +178,7 @@ class ModelRunner:
         layers = self.layers()
         s = self.spec
         bytes_per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize * len(layers)
-        num_blocks = self.platform.kv_cache_bytes(self.config) // bytes_per_block
+        num_blocks = min_over_ranks(self.platform.kv_cache_bytes(self.config) // bytes_per_block)  # one block table
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache: one block of {s.block_size} tokens needs "
                              f"{bytes_per_block} bytes; raise kv_cache_memory_bytes or gpu_memory_utilization, "
@@ -186,9 +210,10 @@ class ModelRunner:
             graphs.capture()
             self.graphs = graphs
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int | None) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
-        """The flat batch, uploaded in one copy; padded with decode rows up to `pad_to` requests for a CUDA graph."""
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        """The step's flat batch on the host, padded with decode rows up to a captured CUDA graph's size."""
         bs = self.config.block_size
+        pad_to = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         num_computed = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)
         tables = [r.block_ids for r in batch.requests]
@@ -202,6 +227,16 @@ class ModelRunner:
         else:
             slots = np.concatenate([np.asarray(t)[p // bs] * bs + p % bs for t, p in
                                     zip(tables, np.split(positions, np.cumsum(query_lens)[:-1]))])
+        sample_rows = [i for i, r in enumerate(batch.requests)
+                       if batch.continuation or r.num_computed_tokens + batch.num_new_tokens[i] == r.num_tokens]
+        starts = np.concatenate([[0], np.cumsum(query_lens)])
+        prompt_spans = []  # logprobs of each prompt token given the ones before it, for requests that ask
+        for i, r in enumerate(batch.requests):
+            if r.params.prompt_logprobs is None or r.num_computed_tokens >= r.num_prompt_tokens:
+                continue
+            count = min(batch.num_new_tokens[i], r.num_prompt_tokens - 1 - r.num_computed_tokens)  # the last one
+            if count > 0:  # predicts the first output token
+                prompt_spans.append((i, int(starts[i]), count))
         if pad_to is not None and pad_to > len(tables):
             extra = pad_to - len(tables)
             query_lens = np.concatenate([query_lens, np.ones(extra, dtype=np.int64)])
@@ -209,52 +244,57 @@ class ModelRunner:
             tables = tables + [[]] * extra
             input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
             slots = np.pad(slots, (0, extra), constant_values=-1)
-        tokens = len(input_ids)
-        layout = BatchLayout(query_lens, num_computed, tables, None, bs, self.device, self.uploads)
-        device = layout.to_device(np.concatenate([input_ids.astype(np.int64), positions, slots]))
+        return StepPlan(query_lens, num_computed, tables, input_ids.astype(np.int64), positions, slots, pad_to,
+                        sample_rows, prompt_spans)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> StepLogits:
+        """The model over a planned step, and the logits of the rows it samples and of the prompt tokens asked for:
+        what every tensor-parallel rank runs, in the same order (its collectives must meet)."""
+        if self.uploads is not None:
+            self.uploads.next_step()
+        layout = BatchLayout(plan.query_lens, plan.num_computed, plan.block_tables, None, self.config.block_size,
+                             self.device, self.uploads)
+        tokens = len(plan.input_ids)
+        device = layout.to_device(np.concatenate([plan.input_ids, plan.positions, plan.slots]))
         layout.slot_mapping = device[2 * tokens:]
-        return layout, device[:tokens], device[tokens:2 * tokens]
+        ids, positions = device[:tokens], device[tokens:2 * tokens]
+        if input_ids is not None:  # a continuation: the previous step's sampled tokens, still on the device
+            previous, rows = input_ids
+            ids[:len(plan.sample_rows)].copy_(previous if rows is None else previous[layout.to_device(np.array(rows))])
+        if plan.graph_size is not None:
+            hidden = self.graphs.run(layout, ids, positions)
+        else:
+            hidden = self.model(ids, positions, self.backend.build_metadata(layout))
+        logits = None
+        if plan.sample_rows:
+            rows = plan.sample_rows
+            one_each = len(rows) == len(plan.block_tables) and int(plan.query_lens.max()) == 1
+            ends = layout.query_start_loc[1:] - 1  # a decode batch's last tokens are its first rows: no index upload
+            last = hidden[:len(rows)] if one_each or plan.graph_size else hidden[layout.to_device(ends[rows])]
+            logits = self.model.compute_logits(last)
+        prompt = {i: self.model.compute_logits(hidden[start:start + count]) for i, start, count in plan.prompt_spans}
+        return StepLogits(logits, prompt)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> Launched:
         """Queue the step's GPU work (inputs, model, sampling) without waiting for it. `input_ids`: for a
-        continuation, the previous step's sampled tokens on the device, and which of its rows to take (None: all)."""
-        if self.uploads is not None:
-            self.uploads.next_step()
-        graph_size = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
-        layout, ids, positions = self.prepare(batch, graph_size)
-        if input_ids is not None:
-            tokens, rows = input_ids
-            ids[:len(batch.requests)].copy_(tokens if rows is None else tokens[layout.to_device(np.array(rows))])
-        if graph_size is not None:
-            hidden = self.graphs.run(layout, ids, positions)
-        else:
-            hidden = self.model(ids, positions, self.backend.build_metadata(layout))
-        rows = [i for i, r in enumerate(batch.requests)
-                if batch.continuation or r.num_computed_tokens + batch.num_new_tokens[i] == r.num_tokens]
-        sampled = [batch.requests[i] for i in rows]
-        output = None
-        if rows:
-            one_each = len(rows) == len(batch.requests) and max(batch.num_new_tokens) == 1
-            ends = layout.query_start_loc[1:] - 1  # a decode batch's last tokens are its first rows: no index to upload
-            last = hidden[:len(rows)] if one_each else hidden[layout.to_device(ends[rows])]
-            output = sample(self.model.compute_logits(last), sampled)
-        return Launched(batch, sampled, output, self.prompt_logprobs(batch, layout, hidden))
+        continuation, the previous step's sampled tokens on the device, and which of its rows to take (None: all).
+        With tensor parallelism the plan goes to the other ranks first (executor.py), which run it alike."""
+        plan = self.plan(batch)
+        if self.workers is not None:
+            self.workers.send(plan)
+        step = self.execute(plan, input_ids)
+        sampled = [batch.requests[i] for i in plan.sample_rows]
+        output = sample(step.logits, sampled) if sampled else None
+        prompt_logprobs = {i: (torch.log_softmax(logits.float(), dim=-1),
+                               np.array(batch.requests[i].token_ids[batch.requests[i].num_computed_tokens + 1:
+                                                                    batch.requests[i].num_computed_tokens + 1 +
+                                                                    logits.shape[0]]))
+                           for i, logits in step.prompt_logits.items()}
+        return Launched(batch, sampled, output, prompt_logprobs)
 
     def finish(self, launched: Launched) -> StepResult:
         """Wait for a launched step's samples and bring them to the host."""
         output = launched.sampler_output.to_host() if launched.sampler_output is not None else None
         return StepResult(launched.sampled, output, launched.prompt_logprobs)
-
-    def prompt_logprobs(self, batch: ScheduledBatch, layout: BatchLayout, hidden: torch.Tensor) -> dict:
-        """Logprobs of each prompt token given the ones before it, for requests that ask for them."""
-        result = {}
-        for i, r in enumerate(batch.requests):
-            if r.params.prompt_logprobs is None or r.num_computed_tokens >= r.num_prompt_tokens:
-                continue
-            start, computed = int(layout.query_start_loc[i]), r.num_computed_tokens
-            count = min(batch.num_new_tokens[i], r.num_prompt_tokens - 1 - computed)  # last prompt token predicts output
-            if count > 0:
-                logits = self.model.compute_logits(hidden[start:start + count]).float()
-                result[i] = (torch.log_softmax(logits, dim=-1), np.array(r.token_ids[computed + 1:computed + 1 + count]))
-        return result

@@ -4,7 +4,7 @@ per-head q/k norms and a rotary embedding per layer type."""
 import torch
 from torch import nn
 
-from llmserve.models.layers import RMSNorm, RotaryEmbedding, rope_parameters
+from llmserve.models.layers import RMSNorm, RotaryEmbedding, VocabParallelEmbedding, rope_parameters
 from llmserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from llmserve.plugins import hookimpl
 
@@ -56,7 +56,7 @@ class GemmaModel(nn.Module):
         super().__init__()
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma with use_bidirectional_attention (an embedding model) is not supported")
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # a buffer in the model's dtype, as in HF: sqrt(hidden_size) is rounded to it (sqrt(640) -> 25.25 in bf16)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, attention_cls)

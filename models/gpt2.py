@@ -3,7 +3,8 @@ positions, pre-norm LayerNorm blocks, fused q/k/v, tied head; checkpoints keep C
 import torch
 from torch import nn
 
-from llmserve.models.layers import Attention, CausalLM, Linear, activation, load_checkpoint
+from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, MergedLinear, ParallelLMHead,
+                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, qkv_slices)
 from llmserve.plugins import hookimpl
 
 CONV1D = ("c_attn", "c_proj", "c_fc")  # HF Conv1D modules: their weights are nn.Linear's transposed
@@ -18,9 +19,10 @@ class GPT2Attention(nn.Module):
         scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_index + 1
-        self.c_attn = Linear(hidden, 3 * hidden)  # q, k, v stacked, as the checkpoint stores them
-        self.c_proj = Linear(hidden, hidden)
-        self.attention = Attention(layer_index, heads, heads, head_dim, scale)
+        slices, local_heads, _ = qkv_slices(heads, heads, head_dim)
+        self.c_attn = MergedLinear(hidden, [hidden] * 3, True, slices)  # q, k, v: stacked in the checkpoint too
+        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
+        self.attention = Attention(layer_index, local_heads, local_heads, head_dim, scale)
 
     def forward(self, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
@@ -31,8 +33,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.c_fc = Linear(config.hidden_size, inner)
-        self.c_proj = Linear(inner, config.hidden_size)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, inner, bias=True)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, bias=True)
         self.act = activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +62,11 @@ class GPT2LMHeadModel(CausalLM):
         if hf_config.add_cross_attention:
             raise ValueError("GPT2LMHeadModel: add_cross_attention is not supported (no encoder to attend to)")
         self.config = hf_config
-        self.wte = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.wte = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.wpe = nn.Embedding(hf_config.max_position_embeddings, hf_config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(hf_config, i) for i in range(hf_config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 

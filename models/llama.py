@@ -3,8 +3,9 @@ this layout with other biases, windows, norms or rotary settings."""
 import torch
 from torch import nn
 
-from llmserve.models.layers import (Attention, CausalLM, Linear, MergedLinear, RMSNorm, RotaryEmbedding, act_and_mul,
-                                    layer_sliding_window, load_checkpoint, rope_parameters)
+from llmserve.models.layers import (Attention, CausalLM, MergedLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
+                                    RowParallelLinear, VocabParallelEmbedding, act_and_mul, layer_sliding_window,
+                                    load_checkpoint, qkv_slices, rope_parameters)
 from llmserve.plugins import hookimpl
 
 
@@ -24,13 +25,14 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, config, layer_index: int) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q_size, kv_size = heads * self.head_dim, kv_heads * self.head_dim
         qkv_bias, o_bias = self.biases(config)
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
-        self.split = [q_size, kv_size, kv_size]
+        slices, self.num_heads, self.num_kv_heads = qkv_slices(heads, kv_heads, self.head_dim)  # this rank's heads
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], qkv_bias, slices)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=o_bias)
+        self.split = [length for _, length in slices]
         scale, softcap = self.scale_and_softcap(config, self.head_dim)
         self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, scale,
                               layer_sliding_window(config, layer_index), softcap)
@@ -48,8 +50,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")  # Gemma's name
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False))
-        self.down_proj = Linear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False),
+                                         what="intermediate size")
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))
@@ -76,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attention_cls)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -100,7 +103,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = hf_config
         self.model = self.model_cls(hf_config, self.attention_cls)
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -5,7 +5,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmserve.models.layers import Attention, CausalLM, Linear, MergedLinear, activation, load_checkpoint
+from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, Linear, MergedLinear, ParallelLMHead,
+                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint,
+                                    qkv_slices)
 from llmserve.plugins import hookimpl
 
 POSITION_OFFSET = 2  # OPT's position embedding row for position p is p + 2 (a fairseq legacy)
@@ -16,9 +18,10 @@ class OPTAttention(nn.Module):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads
-        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=config.enable_bias)
-        self.out_proj = Linear(hidden, hidden, bias=config.enable_bias)
-        self.attn = Attention(layer_index, heads, heads, head_dim, head_dim**-0.5)
+        slices, local_heads, _ = qkv_slices(heads, heads, head_dim)
+        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, config.enable_bias, slices)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=config.enable_bias)
+        self.attn = Attention(layer_index, local_heads, local_heads, head_dim, head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
@@ -32,8 +35,8 @@ class OPTDecoderLayer(nn.Module):
         self.norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_index)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(hidden, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, hidden, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.act = activation(config.activation_function)
 
@@ -50,7 +53,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
         self.project_out = Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
@@ -78,7 +81,7 @@ class OPTForCausalLM(CausalLM):
         super().__init__()
         self.config = hf_config
         self.decoder = OPTDecoder(hf_config)  # HF's `model.decoder`: load_weights drops the `model.`
-        self.lm_head = Linear(hf_config.word_embed_proj_dim, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.word_embed_proj_dim, hf_config.vocab_size)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed_tokens.weight
 

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmserve.distributed import all_gather_last_dim, all_reduce, split_evenly, tp
+
 
 
 @functools.cache
@@ -12,7 +14,8 @@ def cpu_has_fast_half_matmul() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a CPU fast path: the weight pre-packed once for oneDNN's GEMM (see pack_for_cpu)."""
+    """nn.Linear with a CPU fast path: the weight pre-packed once for oneDNN's GEMM (see pack_for_cpu). Replicated on
+    every tensor-parallel rank; the parallel layers below hold slices."""
 
     packed_weight = None
 
@@ -26,24 +29,159 @@ class Linear(nn.Linear):
         if self.weight.dtype == torch.float32 or not cpu_has_fast_half_matmul():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is None:
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.float()
+            return F.linear(x, self.weight, bias)
+        bias = None if bias is None else bias.float()
         return torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight, bias, "none", [], "").to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def load_full(self, kind: str, tensor: torch.Tensor) -> None:
+        """Load the checkpoint's whole tensor for `kind` ("weight" or "bias"): this rank's part of it."""
+        target = getattr(self, kind)
+        part = self.part_of(kind, tensor)
+        if part.shape != target.shape:
+            raise ValueError(f"{kind} has shape {tuple(tensor.shape)}, expected {self.full_shape(kind)}")
+        with torch.no_grad():
+            target.copy_(part)
+
+    def part_of(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def full_shape(self, kind: str) -> tuple[int, ...]:
+        return tuple(getattr(self, kind).shape)
+
+
+def rank_slice(total: int, what: str) -> tuple[int, int]:
+    """(start, length) of this rank's even share of `total` rows."""
+    length = split_evenly(total, what)
+    return tp().rank * length, length
 
 
 class MergedLinear(Linear):
-    """Several projections of one input stacked into one matmul (q/k/v, gate/up); loaded shard by shard."""
+    """Several projections of one input stacked into one matmul (q/k/v, gate/up), column-parallel: each rank holds
+    rows start:start + length of each projection (by default its even share; a KV head may be replicated instead);
+    loaded shard by shard."""
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
-        self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes) + 1)]
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False,
+                 shard_slices: list[tuple[int, int]] | None = None, what: str = "output features") -> None:
+        self.shard_sizes = shard_sizes
+        self.shard_slices = shard_slices or [rank_slice(size, what) for size in shard_sizes]
+        lengths = [length for _, length in self.shard_slices]
+        super().__init__(in_features, sum(lengths), bias=bias)
+        self.shard_offsets = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
 
     def load_shard(self, index: int, tensor: torch.Tensor, kind: str = "weight") -> None:
-        start, end = self.shard_offsets[index], self.shard_offsets[index + 1]
-        target = getattr(self, kind)
-        if tensor.shape[0] != end - start:
-            raise ValueError(f"shard {index} of {kind} has {tensor.shape[0]} rows, expected {end - start}")
+        if tensor.shape[0] != self.shard_sizes[index]:
+            raise ValueError(f"shard {index} of {kind} has {tensor.shape[0]} rows, expected {self.shard_sizes[index]}")
+        start, length = self.shard_slices[index]
         with torch.no_grad():
-            target[start:end].copy_(tensor)
+            getattr(self, kind)[self.shard_offsets[index]:self.shard_offsets[index + 1]].copy_(
+                tensor[start:start + length])
+
+    def load_full(self, kind: str, tensor: torch.Tensor) -> None:
+        """The projections already stacked in the checkpoint (Phi-3's qkv_proj, GPT-2's c_attn)."""
+        if tensor.shape[0] != sum(self.shard_sizes):
+            raise ValueError(f"{kind} has {tensor.shape[0]} rows, expected {sum(self.shard_sizes)}")
+        for index, part in enumerate(tensor.split(self.shard_sizes)):
+            self.load_shard(index, part, kind)
+
+
+class ColumnParallelLinear(MergedLinear):
+    """Output features split over the ranks: each computes its slice of the output (no communication)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, [out_features], bias)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the ranks (the output of a column-parallel layer, sliced alike): each computes a
+    partial sum, one all-reduce adds them, then the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        self.full_in = in_features
+        self.start, length = rank_slice(in_features, "input features")
+        super().__init__(length, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp().size == 1:
+            return self.project(x, self.bias)
+        out = all_reduce(self.project(x, None))
+        return out if self.bias is None else out + self.bias
+
+    def part_of(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, self.start:self.start + self.in_features] if kind == "weight" else tensor
+
+    def full_shape(self, kind: str) -> tuple[int, ...]:
+        return (self.out_features, self.full_in) if kind == "weight" else (self.out_features,)
+
+
+def qkv_slices(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[list[tuple[int, int]], int, int]:
+    """This rank's rows of q, k and v, and its query and KV head counts: query heads split evenly; KV heads split
+    evenly too, or, when there are fewer than ranks, each rank keeps the one its query heads use."""
+    rank, size = tp().rank, tp().size
+    heads = split_evenly(num_heads, "attention heads")
+    if num_kv_heads >= size:
+        kv_heads = split_evenly(num_kv_heads, "KV heads")
+        kv_start = rank * kv_heads
+    else:
+        if size % num_kv_heads:
+            raise ValueError(f"tensor_parallel_size {size} is neither a divisor nor a multiple of the model's "
+                             f"{num_kv_heads} KV heads")
+        kv_heads, kv_start = 1, rank * num_kv_heads // size
+    kv = (kv_start * head_dim, kv_heads * head_dim)
+    return [(rank * heads * head_dim, heads * head_dim), kv, kv], heads, kv_heads
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary rows over the ranks (padded to a multiple of them): each looks up the
+    ids in its range, zeros elsewhere, and one all-reduce sums them."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.per_rank = -(-num_embeddings // tp().size)
+        self.start = tp().rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp().size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return all_reduce(out)
+
+    def load_full(self, kind: str, tensor: torch.Tensor) -> None:
+        if tensor.shape != (self.num_embeddings, self.weight.shape[1]):
+            raise ValueError(f"{kind} has shape {tuple(tensor.shape)}, expected "
+                             f"{(self.num_embeddings, self.weight.shape[1])}")
+        rows = tensor[self.start:self.start + self.per_rank]
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:len(rows)].copy_(rows)
+
+
+class ParallelLMHead(Linear):
+    """Logits split by vocabulary like VocabParallelEmbedding (so a tied head shares its weight): each rank computes
+    its columns, one all-gather joins them."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False) -> None:
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp().size)
+        self.start = tp().rank * self.per_rank
+        super().__init__(hidden_size, self.per_rank, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.project(x, self.bias)
+        return logits if tp().size == 1 else all_gather_last_dim(logits)[..., :self.vocab_size]
+
+    def load_full(self, kind: str, tensor: torch.Tensor) -> None:
+        if tensor.shape[0] != self.vocab_size:
+            raise ValueError(f"{kind} has {tensor.shape[0]} rows, expected {self.vocab_size}")
+        rows = tensor[self.start:self.start + self.per_rank]
+        with torch.no_grad():
+            getattr(self, kind).zero_()
+            getattr(self, kind)[:len(rows)].copy_(rows)

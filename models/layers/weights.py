@@ -36,13 +36,20 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no parameter in {model_name}")
         param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {model_name}'s "
-                             f"parameter {name} has {tuple(param.shape)}")
         if owner[id(param)] != name and owner[id(param)] in loaded:
             continue  # a tied copy (e.g. lm_head.weight saved beside the embedding it shares)
-        with torch.no_grad():
-            param.copy_(tensor)
+        module = model.get_submodule(module_path) if module_path else model
+        if hasattr(module, "load_full"):  # a layer that keeps its tensor-parallel part of the tensor
+            try:
+                module.load_full(leaf, tensor.to(param.dtype))
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+        else:
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, but {model_name}'s "
+                                 f"parameter {name} has {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
         loaded.add(owner[id(param)])
     proj_of = {(merged, shard): proj for proj, (merged, shard) in stacked.items()}
     for name, done in shards.items():  # a merged parameter is loaded once every shard is

@@ -1,0 +1,117 @@
+"""Tensor parallelism on the CPU over gloo: every rank a process holding its slice of each layer. TP=2, 3 and 4 give
+TP=1's greedy tokens and logprobs (the embedded model, random Llama, Qwen3, OPT and GPT-2 checkpoints, KV heads
+split or replicated); sizes that do not divide the model are refused before any process starts; a rank that dies
+is named and nothing hangs."""
+import os
+import re
+import signal
+
+import pytest
+
+from llmserve import LLM, SamplingParams
+from llmserve.plugins.conformance import model_configs, save_random_checkpoint
+
+PROMPTS = [[5, 17, 300, 4000, 12], list(range(200, 290)), [42] * 7, list(range(1000, 1033))]
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+
+
+def run(model: str | None, **engine_args):
+    llm = LLM(model=model, dtype="float32", skip_tokenizer_init=model is not None, max_num_batched_tokens=64,
+              kv_cache_memory_bytes=64 << 20, **engine_args)
+    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm.engine.runner.workers and llm.engine.runner.workers.stop()
+    return outputs
+
+
+def assert_same(ours, reference) -> None:
+    for mine, theirs in zip(ours, reference):
+        assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b, token in zip(mine.outputs[0].logprobs, theirs.outputs[0].logprobs, mine.outputs[0].token_ids):
+            assert a[token].logprob == pytest.approx(b[token].logprob, abs=1e-3)
+        for a, b in zip(mine.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
+            assert {t: p.logprob for t, p in a.items()} == pytest.approx({t: p.logprob for t, p in b.items()},
+                                                                         abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folders = {}
+    for architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel"):
+        config = model_configs()[architecture]
+        config.architectures = [architecture]
+        folders[architecture] = str(tmp_path_factory.mktemp(architecture))
+        save_random_checkpoint(config, folders[architecture], layer_norms_near_one=True)
+    return folders
+
+
+def test_embedded_model_at_tp3_equals_tp1():
+    """9 query and 3 KV heads over 3 ranks; its 49,152-token vocabulary over 3 embedding and LM-head slices."""
+    assert_same(run(None, tensor_parallel_size=3), run(None))
+
+
+@pytest.mark.parametrize("architecture, size", [("LlamaForCausalLM", 2), ("Qwen3ForCausalLM", 2),
+                                                ("OPTForCausalLM", 2), ("GPT2LMHeadModel", 4),
+                                                ("LlamaForCausalLM", 4)])
+def test_random_checkpoints_equal_tp1(checkpoints, architecture, size):
+    """Llama at 4 ranks has 2 KV heads for 4: each rank keeps the one its query heads use."""
+    folder = checkpoints[architecture]
+    assert_same(run(folder, tensor_parallel_size=size), run(folder))
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused(checkpoints):
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size 2 does not divide the model's attention heads \(9\)"):
+        LLM(dtype="float32", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's attention heads"):
+        LLM(model=checkpoints["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        LLM(tensor_parallel_size=0)
+
+
+def test_a_rank_that_dies_is_named_and_nothing_hangs(checkpoints):
+    llm = LLM(model=checkpoints["LlamaForCausalLM"], dtype="float32", skip_tokenizer_init=True,
+              kv_cache_memory_bytes=64 << 20, tensor_parallel_size=2)
+    workers = llm.engine.runner.workers
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+    os.kill(workers.processes[0].pid, signal.SIGKILL)
+    workers.processes[0].wait(timeout=30)
+    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with code -9"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    workers.stop()
+
+
+def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
+    """`llm serve -tp 3`: the official client gets TP=1's greedy text; when a rank is killed, /health turns 503
+    without any request, the engine stops and the server exits 1 (for a supervisor to restart it)."""
+    import time
+    from pathlib import Path
+
+    import httpx
+    import openai
+    from server_utils import ServerProcess
+
+    expected = LLM(dtype="float32").generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8),
+                                             use_tqdm=False)[0].outputs[0].text
+    server = ServerProcess("-tp", "3")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert reply.choices[0].text == expected
+        children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/stat")
+                    and Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()[1] == str(server.process.pid)]
+        assert len(children) == 2, server.output()
+        os.kill(children[0], signal.SIGKILL)
+        statuses = []
+        deadline = time.monotonic() + 30
+        while server.process.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert server.process.wait(timeout=30) == 1, server.output()
+        assert 503 in statuses and re.search("tensor-parallel rank [12] .* exited with code -9", server.output())
+        for pid in children:  # the other rank went with it
+            assert not os.path.exists(f"/proc/{pid}") or " Z " in Path(f"/proc/{pid}/stat").read_text()
+    finally:
+        server.stop()
