@@ -36,6 +36,8 @@ HELP = {
     "enforce_eager": "Run every step eagerly (no CUDA graphs for decode).",
     "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
+    "distributed_executor_backend": "How tensor-parallel ranks run: mp (processes on this machine) or ray (Ray "
+                                    "actors, `pip install llmserve[ray]`); default: ray when RAY_ADDRESS is set.",
     "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
                             "cores).",
 }
@@ -70,6 +72,7 @@ ENGINE_PARAMETERS = [
     option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
     option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
+    option("distributed_executor_backend", Optional[str]),
 ] + [vllm_option(name, annotation) for name, annotation in VLLM_OPTIONS.items()]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
     str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])

@@ -173,6 +173,7 @@ class AsyncEngine:
         self.stopping = True
         self.wakeup.set()
         self.thread.join()
+        self.engine.shutdown()
 
     def run(self) -> None:
         try:

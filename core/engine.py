@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmserve.config import EngineConfig
+from llmserve import distributed
 from llmserve.errors import ParamError
-from llmserve.executor import Workers
+from llmserve.executor import start_workers
 from llmserve.kv_cache import KVCacheManager
 from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
 from llmserve.model_runner import Launched, ModelRunner, StepResult
@@ -69,8 +70,11 @@ class LLMEngine:
             find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        workers = Workers(config, self.model_path, self.hf_config, self.platform) if config.tensor_parallel_size > 1 \
-            else None
+        if distributed.tp().size > 1:  # the ranks' layers read this process's one parallel state
+            raise ValueError("a tensor-parallel engine is running in this process; shut it down first "
+                             "(llm.engine.shutdown())")
+        workers = (start_workers(config, self.model_path, self.hf_config, self.platform)
+                   if config.tensor_parallel_size > 1 else None)
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.runner.workers = workers
         self.max_model_len = resolve_max_model_len(config, self.hf_config, self.runner.num_blocks)
@@ -201,6 +205,11 @@ class LLMEngine:
             if not child.finished:
                 child.finish_reason = "abort"
                 self.scheduler.finish(child)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do at one rank); the engine cannot step afterwards."""
+        if self.runner.workers is not None:
+            self.runner.workers.stop()
 
     def check_health(self) -> None:
         """Raise WorkerDied when a tensor-parallel rank has exited (vLLM's name)."""

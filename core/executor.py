@@ -1,10 +1,11 @@
-"""Tensor-parallel ranks 1..N-1 as worker processes on this machine (rank 0 is the engine's own ModelRunner).
+"""Tensor-parallel ranks 1..N-1 (rank 0 is the engine's own ModelRunner), as processes on this machine (`mp`) or as
+Ray actors anywhere in a Ray cluster (`ray`, `pip install llmserve[ray]`).
 
 Each worker joins the torch.distributed group (NCCL on GPUs, gloo on the CPU), builds its ModelRunner (its slice of
 every layer, its share of the KV cache), then runs every step rank 0 plans: rank 0 broadcasts the step's StepPlan
 (ids, positions, block tables, slot mapping, rows to sample) over a gloo group and all ranks execute it, meeting in
-the same collectives. Only rank 0 samples. A worker that dies is named by the next step, which fails instead of
-waiting for it.
+the same collectives. Only rank 0 samples. A worker that exits is named by the next step (or the engine's idle
+health check), which raises WorkerDied instead of waiting for it.
 """
 import logging
 import os
@@ -21,22 +22,22 @@ from llmserve import distributed
 from llmserve.config import EngineConfig
 
 logger = logging.getLogger(__name__)
+EXECUTORS = ("mp", "ray")
+
+
+class WorkerDied(RuntimeError):
+    """A tensor-parallel rank exited: the engine cannot run another step."""
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def rank_device(platform, rank: int) -> torch.device:
-    device = platform.device()
-    return torch.device(device.type, rank) if device.type == "cuda" else device
 
 
 def check_fits(model_cls, hf_config, size: int) -> None:
     """Build the model on the meta device as rank 0 of `size` would: a size that does not divide its heads (or
-    whatever else its layers split) raises the layers' own ValueError before any process starts."""
+    whatever else its layers split) raises the layers' own ValueError before any worker starts."""
     distributed._state = distributed.ParallelState(0, size)
     try:
         with torch.device("meta"):
@@ -45,44 +46,43 @@ def check_fits(model_cls, hf_config, size: int) -> None:
         distributed._state = distributed.ParallelState()
 
 
-class WorkerDied(RuntimeError):
-    """A tensor-parallel rank exited: the engine cannot run another step."""
+def share_cpu_threads(device: torch.device, size: int) -> None:
+    """CPU ranks on one machine share its cores: each takes its part (oversubscribed ranks slow every collective)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
 
 
 class Workers:
-    """Ranks 1..size-1 of a tensor-parallel engine, seen from rank 0."""
+    """The other ranks, seen from rank 0: started by a subclass, then sent each step's plan."""
+
+    host = "127.0.0.1"  # where rank 0 listens for the group's rendezvous
 
     def __init__(self, config: EngineConfig, model_path: str, hf_config, platform) -> None:
         from llmserve.plugins.select import model_class
 
-        size = config.tensor_parallel_size
-        device = rank_device(platform, 0)
-        if device.type == "cuda" and size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
-                             f"{torch.cuda.device_count()}")
-        check_fits(model_class(hf_config), hf_config, size)
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        # Fresh interpreters, not multiprocessing's spawn: that re-imports the user's __main__, which fails in a
-        # script without a __main__ guard; fork would copy CUDA and OpenMP state that children cannot use.
-        self.processes = []
-        for rank in range(1, size):
-            process = subprocess.Popen([sys.executable, "-c", "from llmserve.executor import worker_entry; "
-                                        "worker_entry()"], stdin=subprocess.PIPE)
-            process.stdin.write(pickle.dumps((rank, size, init_method, config, model_path)))
-            process.stdin.close()
-            self.processes.append(process)
-        share_cpu_threads(device, size)
-        distributed.init(0, size, init_method, device)
-        self.stop = weakref.finalize(self, stop_workers, self.processes)  # on stop() or when rank 0 lets go
+        self.size = config.tensor_parallel_size
+        check_fits(model_class(hf_config), hf_config, self.size)
+        device = platform.device()
+        init_method = f"tcp://{self.host}:{free_port()}"
+        self.start(config, model_path, init_method)
+        share_cpu_threads(device, self.size)
+        distributed.init(0, self.size, init_method, torch.device(device.type, 0) if device.type == "cuda" else device)
+
+    def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
+        raise NotImplementedError
+
+    def exited(self) -> list[tuple[int, str]]:
+        """(rank, how) of each worker that is gone."""
+        raise NotImplementedError
 
     def check_alive(self) -> None:
-        for rank, p in enumerate(self.processes, start=1):
-            if p.poll() is not None:
-                raise WorkerDied(f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.returncode}; the "
-                                   "engine cannot go on without it")
+        gone = self.exited()
+        if gone:
+            rank, how = gone[0]
+            raise WorkerDied(f"tensor-parallel rank {rank} {how}; the engine cannot go on without it")
 
     def send(self, plan) -> None:
-        """The step's plan to every other rank (None: stop)."""
+        """The step's plan to every other rank."""
         self.check_alive()
         try:
             dist.broadcast_object_list([plan], src=0, group=distributed.cpu_group())
@@ -91,12 +91,42 @@ class Workers:
             raise
 
 
-
-def stop_workers(processes) -> None:
-    """Tell live workers to leave their loop, wait for them (terminate the stuck), leave the process group."""
+def tell_workers_to_stop(alive: bool) -> None:
     try:
-        if dist.is_initialized() and all(p.poll() is None for p in processes):
+        if alive and dist.is_initialized():
             dist.broadcast_object_list([None], src=0, group=distributed.cpu_group())
+    except RuntimeError:
+        pass  # a rank went meanwhile: the caller ends them all anyway
+
+
+class ProcessWorkers(Workers):
+    """Workers as fresh interpreters on this machine, one device each (GPU `rank`, or a share of the CPU)."""
+
+    def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
+        if config.device is None and torch.cuda.is_available() and self.size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {self.size} needs {self.size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()} (a Ray cluster can bring more: "
+                             "--distributed-executor-backend ray)")
+        # Fresh interpreters, not multiprocessing's spawn: that re-imports the user's __main__, which fails in a
+        # script without a __main__ guard; fork would copy CUDA and OpenMP state that children cannot use.
+        self.processes = []
+        for rank in range(1, self.size):
+            process = subprocess.Popen([sys.executable, "-c", "from llmserve.executor import worker_entry; "
+                                        "worker_entry()"], stdin=subprocess.PIPE)
+            process.stdin.write(pickle.dumps((rank, self.size, init_method, config, model_path, rank)))
+            process.stdin.close()
+            self.processes.append(process)
+        self.stop = weakref.finalize(self, stop_processes, self.processes)  # on stop() or when rank 0 lets go
+
+    def exited(self) -> list[tuple[int, str]]:
+        return [(rank, f"(pid {p.pid}) exited with code {p.returncode}")
+                for rank, p in enumerate(self.processes, start=1) if p.poll() is not None]
+
+
+def stop_processes(processes) -> None:
+    """Tell live workers to leave their loop, wait for them (kill the stuck), leave the process group."""
+    try:
+        tell_workers_to_stop(all(p.poll() is None for p in processes))
     finally:
         for p in processes:
             try:
@@ -107,10 +137,83 @@ def stop_workers(processes) -> None:
         distributed.shutdown()
 
 
-def share_cpu_threads(device: torch.device, size: int) -> None:
-    """CPU ranks share the machine's cores: each takes its part (oversubscribed ranks slow every collective)."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+class RayWorkers(Workers):
+    """Workers as Ray actors, one placement-group bundle each (a GPU, or a CPU), wherever the cluster has room:
+    the cluster at RAY_ADDRESS, else a local one. Every node needs llmserve and the model's files at the same path."""
+
+    def __init__(self, config: EngineConfig, model_path: str, hf_config, platform) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--distributed-executor-backend ray needs Ray: pip install 'llmserve[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                     runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LLMSERVE_")}})
+        self.host = ray.util.get_node_ip_address()
+        super().__init__(config, model_path, hf_config, platform)
+
+    def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ray = self.ray
+        gpu = torch.cuda.is_available() and config.device is None
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        self.group = ray.util.placement_group([bundle] * (self.size - 1),
+                                              strategy=os.environ.get("LLMSERVE_RAY_PLACEMENT", "PACK"))
+        ready, _ = ray.wait([self.group.ready()], timeout=300)
+        if not ready:
+            ray.util.remove_placement_group(self.group)
+            raise ValueError(f"the Ray cluster has no room for {self.size - 1} workers of {bundle} each "
+                             f"(ray.cluster_resources(): {ray.cluster_resources()})")
+        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(RankActor)
+        self.actors, self.runs = [], []
+        for rank in range(1, self.size):
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank - 1)
+            handle = actor.options(scheduling_strategy=strategy, name=f"llmserve-tp{rank}-{os.getpid()}").remote()
+            self.actors.append(handle)  # Ray shows each actor its own GPU as device 0
+            self.runs.append(handle.run.remote(rank, self.size, init_method, config, model_path, 0))
+        self.stop = weakref.finalize(self, stop_actors, ray, self.actors, self.runs, self.group)
+
+    def exited(self) -> list[tuple[int, str]]:
+        done, _ = self.ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        gone = []
+        for rank, run in enumerate(self.runs, start=1):
+            if run in done:
+                try:
+                    self.ray.get(run)
+                    how = "(a Ray actor) left its loop"
+                except Exception as e:
+                    how = f"(a Ray actor) died: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                gone.append((rank, how))
+        return gone
+
+
+def stop_actors(ray, actors, runs, group) -> None:
+    if not ray.is_initialized():  # Ray shut down first (at exit): it ended this job's actors itself
+        distributed.shutdown()
+        return
+    try:
+        done, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+        tell_workers_to_stop(not done)
+        ray.wait(runs, num_returns=len(runs), timeout=10)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(group)
+        distributed.shutdown()
+
+
+class RankActor:
+    """A Ray actor running one rank's worker loop (see worker_main)."""
+
+    def run(self, *args) -> None:
+        worker_main(*args)
+
+
+def start_workers(config: EngineConfig, model_path: str, hf_config, platform) -> Workers:
+    backend = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") else "mp")
+    return (RayWorkers if backend == "ray" else ProcessWorkers)(config, model_path, hf_config, platform)
 
 
 def worker_entry() -> None:
@@ -118,15 +221,17 @@ def worker_entry() -> None:
     worker_main(*pickle.loads(sys.stdin.buffer.read()))
 
 
-def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, model_path: str) -> None:
+def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, model_path: str,
+                device_index: int) -> None:
     from llmserve.engine import resolve_max_model_len
     from llmserve.loader import load_hf_config
     from llmserve.model_runner import ModelRunner
     from llmserve.plugins.select import current_platform
 
     platform = current_platform()
-    device = rank_device(platform, rank)
+    device = platform.device()
     if device.type == "cuda":
+        device = torch.device("cuda", device_index)
         torch.cuda.set_device(device)
     share_cpu_threads(device, size)
     distributed.init(rank, size, init_method, device)

@@ -5,6 +5,7 @@ is named and nothing hangs."""
 import os
 import re
 import signal
+import sys
 
 import pytest
 
@@ -19,7 +20,7 @@ def run(model: str | None, **engine_args):
     llm = LLM(model=model, dtype="float32", skip_tokenizer_init=model is not None, max_num_batched_tokens=64,
               kv_cache_memory_bytes=64 << 20, **engine_args)
     outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-    llm.engine.runner.workers and llm.engine.runner.workers.stop()
+    llm.engine.shutdown()
     return outputs
 
 
@@ -76,7 +77,7 @@ def test_a_rank_that_dies_is_named_and_nothing_hangs(checkpoints):
     workers.processes[0].wait(timeout=30)
     with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(pid \d+\) exited with code -9"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-    workers.stop()
+    llm.engine.shutdown()
 
 
 def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
@@ -115,3 +116,39 @@ def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
             assert not os.path.exists(f"/proc/{pid}") or " Z " in Path(f"/proc/{pid}/stat").read_text()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_ray_cluster_of_two_nodes_serves_tp3():
+    """A local Ray cluster of two nodes (`ray start --head` and a second `ray start --address`, one CPU each): TP=3
+    puts its two workers on different nodes (STRICT_SPREAD) and gives TP=1's tokens. Needs `pip install ray`."""
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("ray")
+    from server_utils import free_port
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # a short folder: Ray's socket paths inside it must fit a Unix socket's 107 bytes
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]
+    subprocess.run(["ray", "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(["ray", "start", "--address", address, *common[:3]], check=True, capture_output=True)
+        code = f"""
+import os, ray
+from llmserve import LLM, SamplingParams
+prompts, params = {PROMPTS!r}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+llm = LLM(dtype="float32", tensor_parallel_size=3, distributed_executor_backend="ray", kv_cache_memory_bytes=64 << 20)
+nodes = set(ray.util.placement_group_table(llm.engine.runner.workers.group)["bundles_to_node_id"].values())
+tp3 = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+llm.engine.shutdown()
+tp1 = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(prompts, params, use_tqdm=False)]
+print(len(nodes), tp3 == tp1)
+"""
+        env = os.environ | {"RAY_ADDRESS": address, "LLMSERVE_RAY_PLACEMENT": "STRICT_SPREAD"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        assert done.stdout.split()[-2:] == ["2", "True"], done.stdout + done.stderr[-3000:]
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
