@@ -54,6 +54,7 @@ def collect() -> dict:
         "models": [describe(r) for r in reg.of("model").values()],
         "tool_parsers": [describe(r) for r in reg.of("tool_parser").values()],
         "reasoning_parsers": [describe(r) for r in reg.of("reasoning_parser").values()],
+        "executors": [describe(r) for r in reg.of("executor").values()],
         "failures": [failure(plugin, error) for plugin, error in reg.failures.items()],
     }
 
@@ -73,7 +74,8 @@ def render(listing: dict) -> str:
         lines += [row, *(f"        - {line}" for line in backend["reasons"] + backend["details"])]
     lines += ["Model architectures:", *rows(listing["models"]), "Tool-call parsers (--tool-call-parser):",
               *rows(listing["tool_parsers"]), "Reasoning parsers (--reasoning-parser):",
-              *rows(listing["reasoning_parsers"])]
+              *rows(listing["reasoning_parsers"]), "Distributed executors (--distributed-executor-backend):",
+              *rows(listing["executors"])]
     if listing["failures"]:
         lines.append("Plugins that failed to load (skipped):")
     for f in listing["failures"]:

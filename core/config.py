@@ -57,7 +57,8 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # "mp" (processes here) or "ray"; None: ray when RAY_ADDRESS is set
+    distributed_executor_backend: str | None = None  # "mp" (processes here), "ray" or a plugin's; None: ray when
+    # RAY_ADDRESS is set, else mp
     pipeline_parallel_size: int = 1
     disable_log_stats: bool = False  # llmserve logs no periodic statistics: True and False both hold
 
@@ -79,8 +80,6 @@ class EngineConfig:
               f"'gguf' needs a .gguf model file (model={self.model!r})")
         check(self.max_logprobs >= 0, "max_logprobs", "must be >= 0")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        check(self.distributed_executor_backend in (None, "mp", "ray"), "distributed_executor_backend",
-              "must be 'mp' or 'ray'")
         for name, (supported, why) in SUPPORTED_ONLY.items():
             check(getattr(self, name) in supported, name, f"is not supported with this value yet ({why})")
 

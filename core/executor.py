@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from llmserve import distributed
 from llmserve.config import EngineConfig
+from llmserve.plugins import hookimpl
 
 logger = logging.getLogger(__name__)
-EXECUTORS = ("mp", "ray")
 
 
 class WorkerDied(RuntimeError):
@@ -212,8 +212,18 @@ class RankActor:
 
 
 def start_workers(config: EngineConfig, model_path: str, hf_config, platform) -> Workers:
-    backend = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") else "mp")
-    return (RayWorkers if backend == "ray" else ProcessWorkers)(config, model_path, hf_config, platform)
+    from llmserve.plugins.manager import registry
+
+    executors = registry().of("executor")
+    name = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") else "mp")
+    if name not in executors:
+        raise ValueError(f"unknown distributed_executor_backend {name!r}; registered: {', '.join(sorted(executors))}")
+    return executors[name].load()(config, model_path, hf_config, platform)
+
+
+@hookimpl
+def llmserve_executors():
+    return {"mp": f"{__name__}:ProcessWorkers", "ray": f"{__name__}:RayWorkers"}
 
 
 def worker_entry() -> None:

@@ -25,3 +25,9 @@ def llmserve_tool_parsers() -> dict[str, str]:
 @hookspec
 def llmserve_reasoning_parsers() -> dict[str, str]:
     """Reasoning parsers by name (qwen3, deepseek_r1): subclasses of llmserve.server.parsers.ReasoningParser."""
+
+
+@hookspec
+def llmserve_executors() -> dict[str, str]:
+    """Distributed executors by name (mp, ray): subclasses of llmserve.executor.Workers, which start the
+    tensor-parallel ranks 1..N-1 and tell rank 0 when one is gone."""

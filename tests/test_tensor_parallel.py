@@ -66,6 +66,8 @@ def test_sizes_that_do_not_divide_the_model_are_refused(checkpoints):
         LLM(model=checkpoints["LlamaForCausalLM"], skip_tokenizer_init=True, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
         LLM(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="unknown distributed_executor_backend 'slurm'; registered: mp, ray"):
+        LLM(tensor_parallel_size=3, distributed_executor_backend="slurm")
 
 
 def test_a_rank_that_dies_is_named_and_nothing_hangs(checkpoints):
