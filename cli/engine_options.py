@@ -38,13 +38,14 @@ HELP = {
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
     "distributed_executor_backend": "How tensor-parallel ranks run: mp (processes on this machine) or ray (Ray "
                                     "actors, `pip install llmserve[ray]`); default: ray when RAY_ADDRESS is set.",
+    "pipeline_parallel_size": "Stages to split the layers into (one process per stage and tensor-parallel rank).",
     "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
                             "cores).",
 }
 # vLLM's engine options that llmserve takes with the values it supports today (others are refused, saying why)
 VLLM_OPTIONS = {"trust_remote_code": bool, "revision": Optional[str], "tokenizer_revision": Optional[str],
                 "download_dir": Optional[str], "tokenizer_mode": str, "enable_chunked_prefill": Optional[bool],
-                "quantization": Optional[str], "kv_cache_dtype": str, "pipeline_parallel_size": int, "disable_log_stats": bool}
+                "quantization": Optional[str], "kv_cache_dtype": str, "disable_log_stats": bool}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
                                                                            "(default: the embedded model).")]
@@ -72,7 +73,7 @@ ENGINE_PARAMETERS = [
     option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
     option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
-    option("distributed_executor_backend", Optional[str]),
+    option("pipeline_parallel_size", int, aliases=("-pp",)), option("distributed_executor_backend", Optional[str]),
 ] + [vllm_option(name, annotation) for name, annotation in VLLM_OPTIONS.items()]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
     str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])

@@ -19,7 +19,6 @@ SUPPORTED_ONLY = {
                                              "True"),
     "quantization": ((None,), "quantized weights are not supported yet; GGUF files are dequantized on load"),
     "kv_cache_dtype": (("auto",), "the KV cache has the model's dtype; supported: 'auto'"),
-    "pipeline_parallel_size": ((1,), "pipeline stages are not built yet; use tensor_parallel_size; supported: 1"),
 }
 
 
@@ -80,6 +79,7 @@ class EngineConfig:
               f"'gguf' needs a .gguf model file (model={self.model!r})")
         check(self.max_logprobs >= 0, "max_logprobs", "must be >= 0")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
         for name, (supported, why) in SUPPORTED_ONLY.items():
             check(getattr(self, name) in supported, name, f"is not supported with this value yet ({why})")
 

@@ -1,9 +1,11 @@
-"""Tensor parallelism over torch.distributed: this process's rank, and the collectives the parallel layers make.
+"""Tensor and pipeline parallelism over torch.distributed: this process's place, and the collectives the layers make.
 
-Every rank holds a slice of each layer (models/layers/linear.py) and runs the same step; a row-parallel layer ends in
-one all-reduce, the LM head in one all-gather. With one rank (the default) nothing here communicates. The backend is
-NCCL on CUDA devices and gloo on the CPU; the step's inputs travel from rank 0 over a gloo group in either case
-(executor.py).
+The world is pipeline_parallel_size stages of tensor_parallel_size ranks each; global rank = stage * tp + tp rank.
+Within a stage every rank holds a slice of each of the stage's layers (models/layers/linear.py): a row-parallel
+layer ends in one all-reduce over the stage's ranks, the LM head in one all-gather. Between stages each rank sends
+its hidden states to the rank of the same TP index in the next stage. With one rank (the default) nothing here
+communicates. The backend is NCCL on CUDA devices and gloo on the CPU; the step's inputs travel from rank 0 over a
+gloo group of all ranks in either case (executor.py).
 """
 from dataclasses import dataclass
 
@@ -13,65 +15,100 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelState:
-    rank: int = 0
-    size: int = 1
+    rank: int = 0  # within the tensor-parallel group (the stage)
+    size: int = 1  # tensor_parallel_size
+    stage: int = 0
+    stages: int = 1  # pipeline_parallel_size
+
+    @property
+    def first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stage == self.stages - 1
+
+    @property
+    def global_rank(self) -> int:
+        return self.stage * self.size + self.rank
 
 
 _state = ParallelState()
+_tp_group = None
+_cpu_group = None
 
 
 def tp() -> ParallelState:
     return _state
 
 
-def init(rank: int, size: int, init_method: str, device: torch.device) -> None:
-    """Join the process group of `size` ranks (one per device) and make this process rank `rank` of it."""
-    global _state
+def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device) -> None:
+    """Join the world of tp_size * pp_size ranks (one per device) as `global_rank`, and the groups of each stage."""
+    global _state, _tp_group, _cpu_group
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+    dist.init_process_group(backend, init_method=init_method, rank=global_rank, world_size=tp_size * pp_size,
                             device_id=device if device.type == "cuda" else None)
-    _state = ParallelState(rank, size)
+    for stage in range(pp_size):  # every rank makes every group, in the same order
+        group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+        if stage == global_rank // tp_size:
+            _tp_group = group
+    _cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    _state = ParallelState(global_rank % tp_size, tp_size, global_rank // tp_size, pp_size)
 
 
 def shutdown() -> None:
-    global _state, _cpu_group
+    global _state, _tp_group, _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _state, _cpu_group = ParallelState(), None
+    _state, _tp_group, _cpu_group = ParallelState(), None, None
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _state.size > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_tp_group)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Each rank's [.., n] into [.., size * n], rank order."""
+    """Each rank of the stage's [.., n] into [.., size * n], rank order."""
     if _state.size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_state.size)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_tp_group)
     return torch.cat(parts, dim=-1)
 
 
 def min_over_ranks(value: int) -> int:
-    if _state.size == 1:
+    if _state.size * _state.stages == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=cpu_group())
     return int(t.item())
 
 
-_cpu_group = None
-
-
 def cpu_group():
     """A gloo group of all ranks, for host objects (the step's inputs) whatever the device."""
-    global _cpu_group
-    if _cpu_group is None:
-        _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return _cpu_group
+
+
+def send_to_next_stage(*tensors: torch.Tensor | None) -> None:
+    """The stage's outputs to the same TP rank of the next stage (None sends nothing: the receiver expects none)."""
+    peer = _state.global_rank + _state.size
+    for t in tensors:
+        if t is not None:
+            dist.send(t.contiguous(), peer)
+
+
+def receive_from_previous_stage(*like: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Tensors shaped and typed like `like` (None: none expected), from the same TP rank of the previous stage."""
+    peer = _state.global_rank - _state.size
+    received = []
+    for t in like:
+        if t is not None:
+            t = torch.empty_like(t)
+            dist.recv(t, peer)
+        received.append(t)
+    return received
 
 
 def split_evenly(total: int, what: str, size: int | None = None) -> int:
@@ -80,3 +117,12 @@ def split_evenly(total: int, what: str, size: int | None = None) -> int:
     if total % size:
         raise ValueError(f"tensor_parallel_size {size} does not divide the model's {what} ({total})")
     return total // size
+
+
+def stage_layers(num_layers: int) -> range:
+    """The layers this pipeline stage runs: an even split, the first stages taking one more where it is uneven."""
+    if num_layers < _state.stages:
+        raise ValueError(f"pipeline_parallel_size {_state.stages} is larger than the model's {num_layers} layers")
+    per, extra = divmod(num_layers, _state.stages)
+    start = _state.stage * per + min(_state.stage, extra)
+    return range(start, start + per + (1 if _state.stage < extra else 0))

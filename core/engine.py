@@ -70,11 +70,11 @@ class LLMEngine:
             find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        if distributed.tp().size > 1:  # the ranks' layers read this process's one parallel state
+        if distributed.tp().size * distributed.tp().stages > 1:  # the layers read this process's one parallel state
             raise ValueError("a tensor-parallel engine is running in this process; shut it down first "
                              "(llm.engine.shutdown())")
         workers = (start_workers(config, self.model_path, self.hf_config, self.platform)
-                   if config.tensor_parallel_size > 1 else None)
+                   if config.tensor_parallel_size * config.pipeline_parallel_size > 1 else None)
         self.runner = ModelRunner(config, self.model_path, self.hf_config, self.platform)
         self.runner.workers = workers
         self.max_model_len = resolve_max_model_len(config, self.hf_config, self.runner.num_blocks)
@@ -90,7 +90,7 @@ class LLMEngine:
         self.inflight: Launched | None = None  # a launched continuation step, not yet read
         # a continuation takes its tokens from rank 0's device, which the other tensor-parallel ranks cannot see
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.runner.device.type == "cuda") and config.tensor_parallel_size == 1
+                                 else self.runner.device.type == "cuda") and workers is None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0}
         logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,
                     self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)

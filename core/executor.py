@@ -35,10 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_fits(model_cls, hf_config, size: int) -> None:
-    """Build the model on the meta device as rank 0 of `size` would: a size that does not divide its heads (or
-    whatever else its layers split) raises the layers' own ValueError before any worker starts."""
-    distributed._state = distributed.ParallelState(0, size)
+def check_fits(model_cls, hf_config, tp_size: int, pp_size: int) -> None:
+    """Build the model on the meta device as rank 0 would: a size that does not divide its heads (or whatever else
+    its layers split), or more stages than layers, raises the layers' own ValueError before any worker starts."""
+    distributed._state = distributed.ParallelState(0, tp_size, 0, pp_size)
     try:
         with torch.device("meta"):
             model_cls(hf_config, torch.float32)
@@ -60,13 +60,15 @@ class Workers:
     def __init__(self, config: EngineConfig, model_path: str, hf_config, platform) -> None:
         from llmserve.plugins.select import model_class
 
-        self.size = config.tensor_parallel_size
-        check_fits(model_class(hf_config), hf_config, self.size)
+        tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
+        self.size = tp_size * pp_size
+        check_fits(model_class(hf_config), hf_config, tp_size, pp_size)
         device = platform.device()
         init_method = f"tcp://{self.host}:{free_port()}"
         self.start(config, model_path, init_method)
         share_cpu_threads(device, self.size)
-        distributed.init(0, self.size, init_method, torch.device(device.type, 0) if device.type == "cuda" else device)
+        distributed.init(0, tp_size, pp_size, init_method,
+                         torch.device(device.type, 0) if device.type == "cuda" else device)
 
     def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
         raise NotImplementedError
@@ -104,7 +106,7 @@ class ProcessWorkers(Workers):
 
     def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
         if config.device is None and torch.cuda.is_available() and self.size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size {self.size} needs {self.size} GPUs; this machine has "
+            raise ValueError(f"{self.size} ranks (tensor x pipeline parallel) need {self.size} GPUs; this machine has "
                              f"{torch.cuda.device_count()} (a Ray cluster can bring more: "
                              "--distributed-executor-backend ray)")
         # Fresh interpreters, not multiprocessing's spawn: that re-imports the user's __main__, which fails in a
@@ -244,7 +246,7 @@ def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, mo
         device = torch.device("cuda", device_index)
         torch.cuda.set_device(device)
     share_cpu_threads(device, size)
-    distributed.init(rank, size, init_method, device)
+    distributed.init(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, device)
     try:
         hf_config = load_hf_config(model_path)
         runner = ModelRunner(config, model_path, hf_config, platform, device)

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from llmserve.config import EngineConfig, resolve_dtype
-from llmserve.distributed import min_over_ranks
+from llmserve.distributed import min_over_ranks, tp
 from llmserve.interfaces import BatchLayout, Platform
 from llmserve.loader import iter_weights
 from llmserve.plugins.select import model_class, select_attention_backend
@@ -92,6 +93,7 @@ class ModelRunner:
                  device: torch.device | None = None) -> None:
         self.config, self.platform = config, platform
         self.max_positions = getattr(hf_config, "max_position_embeddings", None)
+        self.hf_vocab_size = hf_config.vocab_size
         self.device = device or (torch.device(config.device) if config.device else platform.device())
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
@@ -155,7 +157,8 @@ class ModelRunner:
         hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=self.device), positions,
                             self.backend.build_metadata(layout))
         rows = min(self.config.max_num_seqs, tokens)
-        self.model.compute_logits(hidden[:rows]).float().log_softmax(-1).sort(dim=-1)
+        if hidden is not None:  # not a pipeline stage before the last
+            self.model.compute_logits(hidden[:rows]).float().log_softmax(-1).sort(dim=-1)
         for layer in layers:
             layer.kv_cache = torch.empty(0)
         torch.cuda.synchronize(self.device)
@@ -198,8 +201,8 @@ class ModelRunner:
     def prepare_decode(self, max_model_len: int) -> None:
         """Capture the decode CUDA graphs, or with enforce_eager run each decode shape once: either way the kernels
         compile now, not during the first steps."""
-        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
-            return
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs or tp().stages > 1:
+            return  # pipeline stages run eagerly: a graph would hold their sends and receives
         from llmserve.cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
@@ -266,15 +269,34 @@ class ModelRunner:
             hidden = self.graphs.run(layout, ids, positions)
         else:
             hidden = self.model(ids, positions, self.backend.build_metadata(layout))
-        logits = None
-        if plan.sample_rows:
-            rows = plan.sample_rows
-            one_each = len(rows) == len(plan.block_tables) and int(plan.query_lens.max()) == 1
-            ends = layout.query_start_loc[1:] - 1  # a decode batch's last tokens are its first rows: no index upload
-            last = hidden[:len(rows)] if one_each or plan.graph_size else hidden[layout.to_device(ends[rows])]
-            logits = self.model.compute_logits(last)
-        prompt = {i: self.model.compute_logits(hidden[start:start + count]) for i, start, count in plan.prompt_spans}
+        logits, prompt = None, {}
+        if hidden is not None:  # the last pipeline stage (or the only one)
+            if plan.sample_rows:
+                rows = plan.sample_rows
+                one_each = len(rows) == len(plan.block_tables) and int(plan.query_lens.max()) == 1
+                ends = layout.query_start_loc[1:] - 1  # a decode batch's last tokens are its first rows
+                last = hidden[:len(rows)] if one_each or plan.graph_size else hidden[layout.to_device(ends[rows])]
+                logits = self.model.compute_logits(last)
+            prompt = {i: self.model.compute_logits(hidden[start:start + count])
+                      for i, start, count in plan.prompt_spans}
+        if tp().stages > 1:
+            logits, prompt = self.logits_to_rank_zero(plan, logits, prompt)
         return StepLogits(logits, prompt)
+
+    def logits_to_rank_zero(self, plan: StepPlan, logits, prompt: dict) -> tuple:
+        """With pipeline stages the last one has the logits and rank 0 (on the first) samples: one send, rows in plan
+        order (sampled rows, then each prompt span)."""
+        counts = [len(plan.sample_rows)] + [count for _, _, count in plan.prompt_spans]
+        state = tp()
+        if state.last_stage and state.rank == 0 and sum(counts):
+            dist.send(torch.cat(([logits] if logits is not None else []) + list(prompt.values())), 0)
+        if state.global_rank != 0 or not sum(counts):
+            return None, {}
+        joined = torch.empty((sum(counts), self.hf_vocab_size), dtype=self.dtype, device=self.device)
+        dist.recv(joined, (state.stages - 1) * state.size)
+        parts = joined.split(counts)
+        return (parts[0] if plan.sample_rows else None), {i: part for (i, _, _), part in
+                                                           zip(plan.prompt_spans, parts[1:])}
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> Launched:

@@ -4,7 +4,8 @@ per-head q/k norms and a rotary embedding per layer type."""
 import torch
 from torch import nn
 
-from llmserve.models.layers import RMSNorm, RotaryEmbedding, VocabParallelEmbedding, rope_parameters
+from llmserve.models.layers import (MissingLayer, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, present,
+                                    rope_parameters, stage_input, stage_layer_list, stage_output)
 from llmserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from llmserve.plugins import hookimpl
 
@@ -59,21 +60,25 @@ class GemmaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # a buffer in the model's dtype, as in HF: sqrt(hidden_size) is rounded to it (sqrt(640) -> 25.25 in bf16)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, attention_cls)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = stage_layer_list(config.num_hidden_layers, lambda i: GemmaDecoderLayer(config, i, attention_cls))
         self.norm = gemma_norm(config)
         # one rotary table per distinct rope setting: Gemma 3's local and global layers have their own, Gemma 2's share
         settings = [rope_parameters(config, layer_type) for layer_type in config.layer_types]
         distinct = [s for i, s in enumerate(settings) if s not in settings[:i]]
-        head_dim = self.layers[0].self_attn.head_dim
+        head_dim = present(self.layers)[0].self_attn.head_dim
         self.rotaries = nn.ModuleList(RotaryEmbedding(head_dim, config.max_position_embeddings, s) for s in distinct)
         self.layer_rotary = [distinct.index(s) for s in settings]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids) * self.embed_scale.to(self.embed_tokens.weight.dtype), None
+        dtype = self.embed_tokens.weight.dtype
+        x, residual = stage_input(lambda: self.embed_tokens(input_ids) * self.embed_scale.to(dtype), input_ids,
+                                  self.norm.weight.shape[0], dtype, with_residual=True)
         ropes = [rotary.cos_sin(positions) for rotary in self.rotaries]
         for layer, rotary in zip(self.layers, self.layer_rotary):
-            x, residual = layer(ropes[rotary], x, residual, attn_metadata)
+            if not isinstance(layer, MissingLayer):
+                x, residual = layer(ropes[rotary], x, residual, attn_metadata)
+        if stage_output(x, residual):
+            return None
         x, _ = self.norm(x, residual)
         return x
 

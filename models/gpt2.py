@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, MergedLinear, ParallelLMHead,
-                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, qkv_slices)
+                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, present,
+                                    qkv_slices, stage_input, stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
 
 CONV1D = ("c_attn", "c_proj", "c_fc")  # HF Conv1D modules: their weights are nn.Linear's transposed
@@ -64,17 +65,18 @@ class GPT2LMHeadModel(CausalLM):
         self.config = hf_config
         self.wte = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.wpe = nn.Embedding(hf_config.max_position_embeddings, hf_config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(hf_config, i) for i in range(hf_config.num_hidden_layers))
+        self.h = stage_layer_list(hf_config.num_hidden_layers, lambda i: GPT2Block(hf_config, i))
         self.ln_f = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
         self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
+        x, _ = stage_input(lambda: self.wte(input_ids) + self.wpe(positions), input_ids, self.wpe.weight.shape[1],
+                           self.wpe.weight.dtype)
+        for block in present(self.h):
             x = block(x, attn_metadata)
-        return self.ln_f(x)
+        return None if stage_output(x) else self.ln_f(x)
 
     def load_weights(self, weights) -> None:
         def renamed():

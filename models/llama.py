@@ -5,7 +5,8 @@ from torch import nn
 
 from llmserve.models.layers import (Attention, CausalLM, MergedLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
                                     RowParallelLinear, VocabParallelEmbedding, act_and_mul, layer_sliding_window,
-                                    load_checkpoint, qkv_slices, rope_parameters)
+                                    load_checkpoint, present, qkv_slices, rope_parameters, stage_input, stage_layer_list,
+                                    stage_output)
 from llmserve.plugins import hookimpl
 
 
@@ -80,17 +81,19 @@ class LlamaModel(nn.Module):
     def __init__(self, config, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, attention_cls)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = stage_layer_list(config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i, attention_cls))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        attn = self.layers[0].self_attn
+        attn = present(self.layers)[0].self_attn
         self.rotary = RotaryEmbedding(attn.head_dim, config.max_position_embeddings, rope_parameters(config))
 
     def forward(self, input_ids, positions, attn_metadata):
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = stage_input(lambda: self.embed_tokens(input_ids), input_ids, self.norm.weight.shape[0],
+                                  self.embed_tokens.weight.dtype, with_residual=True)
         rope = self.rotary.cos_sin(positions)
-        for layer in self.layers:
+        for layer in present(self.layers):
             x, residual = layer(rope, x, residual, attn_metadata)
+        if stage_output(x, residual):
+            return None
         x, _ = self.norm(x, residual)
         return x
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, Linear, MergedLinear, ParallelLMHead,
-                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint,
-                                    qkv_slices)
+                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, present,
+                                    qkv_slices, stage_input, stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
 
 POSITION_OFFSET = 2  # OPT's position embedding row for position p is p + 2 (a fairseq legacy)
@@ -60,15 +60,21 @@ class OPTDecoder(nn.Module):
         has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if has_final_norm else None)
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = stage_layer_list(config.num_hidden_layers, lambda i: OPTDecoderLayer(config, i))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(positions + POSITION_OFFSET)
-        for layer in self.layers:
+        return x + self.embed_positions(positions + POSITION_OFFSET)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
+        x, _ = stage_input(lambda: self.embed(input_ids, positions), input_ids, self.embed_positions.weight.shape[1],
+                           self.embed_positions.weight.dtype)
+        for layer in present(self.layers):
             x = layer(x, attn_metadata)
+        if stage_output(x):
+            return None
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -216,7 +216,7 @@ def test_tls_and_root_path(tmp_path):
 def test_vllm_engine_arguments_are_honoured_or_refused_by_name(llm):
     assert llm.llm_engine is llm.engine
     assert llm.get_default_sampling_params().max_tokens == 16
-    for name, value in (("pipeline_parallel_size", 2), ("trust_remote_code", True), ("kv_cache_dtype", "fp8"),
+    for name, value in (("tokenizer_mode", "slow"), ("trust_remote_code", True), ("kv_cache_dtype", "fp8"),
                         ("quantization", "awq"), ("enable_chunked_prefill", False)):
         with pytest.raises(ValueError, match=f"^{name} is not supported with this value yet.*supported"):
             LLM(**{name: value})

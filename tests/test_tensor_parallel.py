@@ -59,7 +59,22 @@ def test_random_checkpoints_equal_tp1(checkpoints, architecture, size):
     assert_same(run(folder, tensor_parallel_size=size), run(folder))
 
 
+@pytest.mark.parametrize("architecture, tp_size, pp_size", [("LlamaForCausalLM", 1, 2), ("GPT2LMHeadModel", 1, 3),
+                                                              ("OPTForCausalLM", 1, 2), ("Qwen3ForCausalLM", 2, 2)])
+def test_pipeline_stages_equal_tp1(checkpoints, architecture, tp_size, pp_size):
+    """Layers split into stages (GPT-2's 4 over 3: 2, 1, 1), hidden states (and the residual) sent stage to stage,
+    the last stage's logits sent to rank 0; with tensor parallelism inside each stage too."""
+    folder = checkpoints[architecture]
+    assert_same(run(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size), run(folder))
+
+
+def test_embedded_model_in_two_stages_equals_one():
+    assert_same(run(None, pipeline_parallel_size=2), run(None))
+
+
 def test_sizes_that_do_not_divide_the_model_are_refused(checkpoints):
+    with pytest.raises(ValueError, match="pipeline_parallel_size 5 is larger than the model's 4 layers"):
+        LLM(model=checkpoints["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=5)
     with pytest.raises(ValueError, match=r"^tensor_parallel_size 2 does not divide the model's attention heads \(9\)"):
         LLM(dtype="float32", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's attention heads"):

@@ -5,9 +5,11 @@ from llmserve.models.layers.causal_lm import CausalLM
 from llmserve.models.layers.linear import (ColumnParallelLinear, Linear, MergedLinear, ParallelLMHead,
                                            RowParallelLinear, VocabParallelEmbedding, qkv_slices)
 from llmserve.models.layers.norm import RMSNorm
+from llmserve.models.layers.pipeline import MissingLayer, present, stage_input, stage_layer_list, stage_output
 from llmserve.models.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.layers.weights import QKV_GATE_UP, load_checkpoint
 
 __all__ = ["Attention", "CausalLM", "ColumnParallelLinear", "Linear", "MergedLinear", "ParallelLMHead",
-           "RowParallelLinear", "VocabParallelEmbedding", "qkv_slices", "QKV_GATE_UP", "RMSNorm", "RotaryEmbedding", "act_and_mul",
+           "RowParallelLinear", "VocabParallelEmbedding", "qkv_slices", "MissingLayer", "present", "stage_input", "stage_layer_list",
+           "stage_output", "QKV_GATE_UP", "RMSNorm", "RotaryEmbedding", "act_and_mul",
            "activation", "attention_spec", "layer_sliding_window", "load_checkpoint", "rope_parameters", "silu_and_mul"]

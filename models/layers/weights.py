@@ -4,6 +4,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from llmserve.models.layers.pipeline import MissingLayer
+
 # checkpoint projection -> (our merged parameter, shard index): q/k/v and gate/up are stacked into one matmul
 QKV_GATE_UP = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -20,7 +22,10 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     shards: dict[str, set[int]] = {}  # merged parameter -> the shards loaded so far
     missing_shards: list[str] = []
     model_name = type(model).__name__
+    elsewhere = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MissingLayer))
     for name, tensor in weights:
+        if elsewhere and name.startswith(elsewhere):
+            continue  # a layer of another pipeline stage
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
         if proj in stacked:
