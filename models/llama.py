@@ -5,8 +5,8 @@ from torch import nn
 
 from llmserve.models.layers import (Attention, CausalLM, MergedLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
                                     RowParallelLinear, VocabParallelEmbedding, act_and_mul, layer_sliding_window,
-                                    load_checkpoint, present, qkv_slices, rope_parameters, stage_input, stage_layer_list,
-                                    stage_output)
+                                    load_checkpoint, present, qkv_slices, rope_parameters, stage_input,
+                                    stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
 
 

@@ -9,7 +9,7 @@ from llmserve.models.layers.pipeline import MissingLayer, present, stage_input, 
 from llmserve.models.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.layers.weights import QKV_GATE_UP, load_checkpoint
 
-__all__ = ["Attention", "CausalLM", "ColumnParallelLinear", "Linear", "MergedLinear", "ParallelLMHead",
-           "RowParallelLinear", "VocabParallelEmbedding", "qkv_slices", "MissingLayer", "present", "stage_input", "stage_layer_list",
-           "stage_output", "QKV_GATE_UP", "RMSNorm", "RotaryEmbedding", "act_and_mul",
-           "activation", "attention_spec", "layer_sliding_window", "load_checkpoint", "rope_parameters", "silu_and_mul"]
+__all__ = ["Attention", "CausalLM", "ColumnParallelLinear", "Linear", "MergedLinear", "MissingLayer", "ParallelLMHead",
+           "QKV_GATE_UP", "RMSNorm", "RotaryEmbedding", "RowParallelLinear", "VocabParallelEmbedding", "act_and_mul",
+           "activation", "attention_spec", "layer_sliding_window", "load_checkpoint", "present", "qkv_slices",
+           "rope_parameters", "silu_and_mul", "stage_input", "stage_layer_list", "stage_output"]
