@@ -56,8 +56,9 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # "mp" (processes here), "ray" or a plugin's; None: ray when
-    # RAY_ADDRESS is set, else mp
+    # "mp" (processes here), "ray" or a plugin's; None: ray when RAY_ADDRESS is set or the ranks outnumber this
+    # machine's GPUs, else mp
+    distributed_executor_backend: str | None = None
     pipeline_parallel_size: int = 1
     disable_log_stats: bool = False  # llmserve logs no periodic statistics: True and False both hold
 

@@ -217,7 +217,9 @@ def start_workers(config: EngineConfig, model_path: str, hf_config, platform) ->
     from llmserve.plugins.manager import registry
 
     executors = registry().of("executor")
-    name = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") else "mp")
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    more_than_here = config.device is None and torch.cuda.is_available() and world > torch.cuda.device_count()
+    name = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") or more_than_here else "mp")
     if name not in executors:
         raise ValueError(f"unknown distributed_executor_backend {name!r}; registered: {', '.join(sorted(executors))}")
     return executors[name].load()(config, model_path, hf_config, platform)
