@@ -42,7 +42,8 @@ def serve(model: str, size: int, num_prompts: int) -> dict:
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         done = subprocess.run([*LLM, "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--num-prompts",
-                               str(num_prompts), "--input-len", "1024", "--output-len", "128", "--vocab-size", str(vocab),
+                               str(num_prompts), "--input-len", "1024", "--output-len", "128",
+                               "--vocab-size", str(vocab),
                                "--ready-timeout", "900", "--result-file", str(out)], capture_output=True, text=True)
         return json.loads(out.read_text()) if done.returncode == 0 else {"error": done.stderr[-1500:]}
     finally:

@@ -37,8 +37,8 @@ HELP = {
     "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
     "distributed_executor_backend": "How tensor-parallel ranks run: mp (processes on this machine) or ray (Ray "
-                                    "actors; needs the ray extra of llmserve); default: ray when RAY_ADDRESS is set or the "
-                                    "ranks outnumber this machine's GPUs.",
+                                    "actors; needs the ray extra of llmserve); default: ray when RAY_ADDRESS is set "
+                                    "or the ranks outnumber this machine's GPUs.",
     "pipeline_parallel_size": "Stages to split the layers into (one process per stage and tensor-parallel rank).",
     "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
                             "cores).",

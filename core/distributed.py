@@ -7,6 +7,7 @@ its hidden states to the rank of the same TP index in the next stage. With one r
 communicates. The backend is NCCL on CUDA devices and gloo on the CPU; the step's inputs travel from rank 0 over a
 gloo group of all ranks in either case (executor.py).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,17 @@ _cpu_group = None
 
 def tp() -> ParallelState:
     return _state
+
+
+@contextlib.contextmanager
+def assume(state: ParallelState):
+    """Layers built inside see `state` (to check, on the meta device, how a model splits before any rank starts)."""
+    global _state
+    previous, _state = _state, state
+    try:
+        yield
+    finally:
+        _state = previous
 
 
 def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device) -> None:

@@ -38,12 +38,8 @@ def free_port() -> int:
 def check_fits(model_cls, hf_config, tp_size: int, pp_size: int) -> None:
     """Build the model on the meta device as rank 0 would: a size that does not divide its heads (or whatever else
     its layers split), or more stages than layers, raises the layers' own ValueError before any worker starts."""
-    distributed._state = distributed.ParallelState(0, tp_size, 0, pp_size)
-    try:
-        with torch.device("meta"):
-            model_cls(hf_config, torch.float32)
-    finally:
-        distributed._state = distributed.ParallelState()
+    with distributed.assume(distributed.ParallelState(0, tp_size, 0, pp_size)), torch.device("meta"):
+        model_cls(hf_config, torch.float32)
 
 
 def share_cpu_threads(device: torch.device, size: int) -> None:

@@ -224,7 +224,8 @@ class ModelRunner:
         if batch.continuation:  # the tokens are still on the device: the caller copies them in
             input_ids = np.zeros(len(tables), dtype=np.int64)
         else:
-            input_ids = np.concatenate([r.token_ids[c:c + n] for r, c, n in zip(batch.requests, num_computed, query_lens)])
+            input_ids = np.concatenate([r.token_ids[c:c + n]
+                                        for r, c, n in zip(batch.requests, num_computed, query_lens)])
         if len(positions) == len(tables):  # all decode: one slot each, no arrays per request
             slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
         else:
@@ -309,11 +310,11 @@ class ModelRunner:
         step = self.execute(plan, input_ids)
         sampled = [batch.requests[i] for i in plan.sample_rows]
         output = sample(step.logits, sampled) if sampled else None
-        prompt_logprobs = {i: (torch.log_softmax(logits.float(), dim=-1),
-                               np.array(batch.requests[i].token_ids[batch.requests[i].num_computed_tokens + 1:
-                                                                    batch.requests[i].num_computed_tokens + 1 +
-                                                                    logits.shape[0]]))
-                           for i, logits in step.prompt_logits.items()}
+        prompt_logprobs = {}
+        for i, logits in step.prompt_logits.items():  # each position's logprobs and the prompt token that follows
+            first = batch.requests[i].num_computed_tokens + 1
+            targets = np.array(batch.requests[i].token_ids[first:first + logits.shape[0]])
+            prompt_logprobs[i] = (torch.log_softmax(logits.float(), dim=-1), targets)
         return Launched(batch, sampled, output, prompt_logprobs)
 
     def finish(self, launched: Launched) -> StepResult:
