@@ -128,10 +128,13 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine) -> None:
         super().__init__(config)
         self.engine = engine
+        self.dead_since: int | None = None  # the tick the engine was first seen dead
 
     async def on_tick(self, counter: int) -> bool:
-        if not self.engine.alive and counter % 10 == 0:  # ticks are 0.1 s: a second for /health to say 503
-            self.should_exit = True
+        if not self.engine.alive:
+            self.dead_since = counter if self.dead_since is None else self.dead_since
+            if counter - self.dead_since >= 20:  # ticks are 0.1 s: /health answers 503 for two seconds first
+                self.should_exit = True
         return await super().on_tick(counter)
 
     @contextlib.contextmanager

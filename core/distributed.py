@@ -8,6 +8,7 @@ communicates. The backend is NCCL on CUDA devices and gloo on the CPU; the step'
 gloo group of all ranks in either case (executor.py).
 """
 import contextlib
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +104,15 @@ def cpu_group():
     return _cpu_group
 
 
+PLAN_TAG, HIDDEN_TAG = 1, 2  # tags keep the point-to-point streams apart where they share a gloo group
+
+
 def send_to_next_stage(*tensors: torch.Tensor | None) -> None:
     """The stage's outputs to the same TP rank of the next stage (None sends nothing: the receiver expects none)."""
     peer = _state.global_rank + _state.size
     for t in tensors:
         if t is not None:
-            dist.send(t.contiguous(), peer)
+            dist.send(t.contiguous(), peer, tag=HIDDEN_TAG)
 
 
 def receive_from_previous_stage(*like: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -118,7 +122,7 @@ def receive_from_previous_stage(*like: torch.Tensor | None) -> list[torch.Tensor
     for t in like:
         if t is not None:
             t = torch.empty_like(t)
-            dist.recv(t, peer)
+            dist.recv(t, peer, tag=HIDDEN_TAG)
         received.append(t)
     return received
 
@@ -138,3 +142,20 @@ def stage_layers(num_layers: int) -> range:
     per, extra = divmod(num_layers, _state.stages)
     start = _state.stage * per + min(_state.stage, extra)
     return range(start, start + per + (1 if _state.stage < extra else 0))
+
+
+def send_object(obj, dst: int) -> list:
+    """`obj` pickled to global rank `dst` over the gloo group, without waiting: the works to wait on (they hold the
+    buffers)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst, group=_cpu_group, tag=PLAN_TAG), dist.isend(payload, dst, group=_cpu_group,
+                                                                              tag=PLAN_TAG), size, payload]
+
+
+def recv_object(src: int):
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src, group=_cpu_group, tag=PLAN_TAG)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, src, group=_cpu_group, tag=PLAN_TAG)
+    return pickle.loads(payload.numpy().tobytes())

@@ -2,6 +2,7 @@
 import dataclasses
 import itertools
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,11 +88,14 @@ class LLMEngine:
         self.grammar_compiler = (GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
                                  if self.tokenizer is not None else None)
         self.ids = itertools.count()
-        self.inflight: Launched | None = None  # a launched continuation step, not yet read
+        # launched steps not yet read: an async continuation, or one microbatch per pipeline stage
+        self.inflight: deque[Launched] = deque()
+        self.pipeline_depth = config.pipeline_parallel_size
         # a continuation takes its tokens from rank 0's device, which the other tensor-parallel ranks cannot see
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.runner.device.type == "cuda") and workers is None
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0,
+                      "max_microbatches_in_flight": 0}
         logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,
                     self.platform.name, self.runner.backend.name, self.runner.dtype, self.max_model_len)
 
@@ -217,21 +221,18 @@ class LLMEngine:
             self.runner.workers.check_alive()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None
+        return self.scheduler.has_work() or bool(self.inflight)
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one batch; return the outputs of every request that advanced, or only of those that finished
         (which are then forgotten)."""
-        current, self.inflight = self.inflight, None
         try:
-            current = current or self.launch(self.scheduler.schedule())
+            current = self.next_step()
             if current is None:
                 return []
-            if self.async_scheduling:
-                self.inflight = self.launch_continuation(current)
             result = self.runner.finish(current)
         except BaseException:
-            self.inflight = None
+            self.inflight.clear()
             raise
         for i, request in enumerate(current.batch.requests):
             if i in result.prompt_logprobs:
@@ -247,6 +248,28 @@ class LLMEngine:
             if group.finished:
                 del self.groups[request_id]
         return outputs
+
+    def next_step(self) -> Launched | None:
+        """The launched step to read now. With pipeline stages, first launch microbatches of requests not already in
+        flight until every stage has one (stage s runs them in order, so a chunk or a cached block written by an
+        earlier one is there for a later one); with async scheduling, launch the continuation of the step read."""
+        if self.pipeline_depth > 1:
+            while len(self.inflight) < self.pipeline_depth:
+                # preempting a request in flight would free blocks its stages still write
+                requests = len(self.scheduler.running) + len(self.scheduler.waiting)
+                share = max(1, -(-requests // self.pipeline_depth))  # each microbatch its part of the requests
+                launched = self.launch(self.scheduler.schedule(can_preempt=not self.inflight, max_requests=share))
+                if launched is None:
+                    break
+                self.inflight.append(launched)
+            self.stats["max_microbatches_in_flight"] = max(self.stats["max_microbatches_in_flight"], len(self.inflight))
+            return self.inflight.popleft() if self.inflight else None
+        current = self.inflight.popleft() if self.inflight else self.launch(self.scheduler.schedule())
+        if current is not None and self.async_scheduling:
+            continuation = self.launch_continuation(current)
+            if continuation is not None:
+                self.inflight.append(continuation)
+        return current
 
     def launch(self, batch: ScheduledBatch, input_ids: tuple | None = None) -> Launched | None:
         """Queue the batch's GPU work and count its tokens as computed (their samples are read later)."""

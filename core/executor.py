@@ -58,6 +58,7 @@ class Workers:
 
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         self.size = tp_size * pp_size
+        self.in_flight: list = []  # plan sends not yet done, with their buffers
         check_fits(model_class(hf_config), hf_config, tp_size, pp_size)
         device = platform.device()
         init_method = f"tcp://{self.host}:{free_port()}"
@@ -80,10 +81,13 @@ class Workers:
             raise WorkerDied(f"tensor-parallel rank {rank} {how}; the engine cannot go on without it")
 
     def send(self, plan) -> None:
-        """The step's plan to every other rank."""
+        """The step's plan to every other rank, without waiting for them: a later pipeline stage may still be
+        busy with an earlier microbatch."""
         self.check_alive()
         try:
-            dist.broadcast_object_list([plan], src=0, group=distributed.cpu_group())
+            self.in_flight = [item for item in self.in_flight if not all(w.is_completed() for w in item[:2])]
+            for rank in range(1, self.size):
+                self.in_flight.append(distributed.send_object(plan, rank))
         except RuntimeError:
             self.check_alive()  # a rank that died mid-step is the reason: name it
             raise
@@ -92,7 +96,9 @@ class Workers:
 def tell_workers_to_stop(alive: bool) -> None:
     try:
         if alive and dist.is_initialized():
-            dist.broadcast_object_list([None], src=0, group=distributed.cpu_group())
+            for rank in range(1, dist.get_world_size()):
+                for work in distributed.send_object(None, rank)[:2]:
+                    work.wait()
     except RuntimeError:
         pass  # a rank went meanwhile: the caller ends them all anyway
 
@@ -249,11 +255,7 @@ def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, mo
         hf_config = load_hf_config(model_path)
         runner = ModelRunner(config, model_path, hf_config, platform, device)
         runner.prepare_decode(resolve_max_model_len(config, hf_config, runner.num_blocks))
-        while True:
-            plan = [None]
-            dist.broadcast_object_list(plan, src=0, group=distributed.cpu_group())
-            if plan[0] is None:
-                break
-            runner.execute(plan[0])
+        while (plan := distributed.recv_object(0)) is not None:
+            runner.execute(plan)
     finally:
         distributed.shutdown()

@@ -16,6 +16,7 @@ from llmserve.sampler import SamplerOutput, sample
 from llmserve.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
+LOGITS_TAG = 3  # the last pipeline stage's logits to rank 0 (tags keep the point-to-point streams apart on gloo)
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Launched:
     sampled: list[Request]
     sampler_output: SamplerOutput | None
     prompt_logprobs: dict
+    plan: "StepPlan | None" = None
+    logits: "StepLogits | None" = None  # until sampled
 
 
 class PinnedUploads:
@@ -79,6 +82,17 @@ class StepPlan:
 class StepLogits:
     logits: torch.Tensor | None  # [len(sample_rows), V]
     prompt_logits: dict[int, torch.Tensor]  # batch row -> [count, V]
+    arriving: tuple | None = None  # on rank 0 with pipeline stages: (the receive in flight, its buffer, row counts)
+
+    def wait(self, plan: "StepPlan") -> "StepLogits":
+        """The logits once the last stage's send has arrived (at once when they were computed here)."""
+        if self.arriving is None:
+            return self
+        work, joined, counts = self.arriving
+        work.wait()
+        parts = joined.split(counts)
+        return StepLogits(parts[0] if plan.sample_rows else None,
+                          {i: part for (i, _, _), part in zip(plan.prompt_spans, parts[1:])})
 
 
 @dataclass
@@ -281,23 +295,22 @@ class ModelRunner:
             prompt = {i: self.model.compute_logits(hidden[start:start + count])
                       for i, start, count in plan.prompt_spans}
         if tp().stages > 1:
-            logits, prompt = self.logits_to_rank_zero(plan, logits, prompt)
+            return self.logits_to_rank_zero(plan, logits, prompt)
         return StepLogits(logits, prompt)
 
-    def logits_to_rank_zero(self, plan: StepPlan, logits, prompt: dict) -> tuple:
+    def logits_to_rank_zero(self, plan: StepPlan, logits, prompt: dict) -> StepLogits:
         """With pipeline stages the last one has the logits and rank 0 (on the first) samples: one send, rows in plan
-        order (sampled rows, then each prompt span)."""
+        order (sampled rows, then each prompt span); rank 0 only posts the receive, so that it can go on to the next
+        microbatch while the later stages work."""
         counts = [len(plan.sample_rows)] + [count for _, _, count in plan.prompt_spans]
         state = tp()
         if state.last_stage and state.rank == 0 and sum(counts):
-            dist.send(torch.cat(([logits] if logits is not None else []) + list(prompt.values())), 0)
+            dist.send(torch.cat(([logits] if logits is not None else []) + list(prompt.values())), 0, tag=LOGITS_TAG)
         if state.global_rank != 0 or not sum(counts):
-            return None, {}
+            return StepLogits(None, {})
         joined = torch.empty((sum(counts), self.hf_vocab_size), dtype=self.dtype, device=self.device)
-        dist.recv(joined, (state.stages - 1) * state.size)
-        parts = joined.split(counts)
-        return (parts[0] if plan.sample_rows else None), {i: part for (i, _, _), part in
-                                                           zip(plan.prompt_spans, parts[1:])}
+        return StepLogits(None, {}, (dist.irecv(joined, (state.stages - 1) * state.size, tag=LOGITS_TAG), joined,
+                                     counts))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> Launched:
@@ -307,17 +320,24 @@ class ModelRunner:
         plan = self.plan(batch)
         if self.workers is not None:
             self.workers.send(plan)
-        step = self.execute(plan, input_ids)
-        sampled = [batch.requests[i] for i in plan.sample_rows]
-        output = sample(step.logits, sampled) if sampled else None
-        prompt_logprobs = {}
+        launched = Launched(batch, [batch.requests[i] for i in plan.sample_rows], None, {}, plan,
+                            self.execute(plan, input_ids))
+        if launched.logits.arriving is None:  # sample now, so that it queues behind the model on the device
+            self.sample(launched)
+        return launched
+
+    def sample(self, launched: Launched) -> None:
+        step, batch, plan = launched.logits.wait(launched.plan), launched.batch, launched.plan
+        launched.logits = None
+        launched.sampler_output = sample(step.logits, launched.sampled) if launched.sampled else None
         for i, logits in step.prompt_logits.items():  # each position's logprobs and the prompt token that follows
-            first = batch.requests[i].num_computed_tokens + 1
+            first = int(plan.num_computed[i]) + 1  # as planned: the engine has counted the step's tokens since
             targets = np.array(batch.requests[i].token_ids[first:first + logits.shape[0]])
-            prompt_logprobs[i] = (torch.log_softmax(logits.float(), dim=-1), targets)
-        return Launched(batch, sampled, output, prompt_logprobs)
+            launched.prompt_logprobs[i] = (torch.log_softmax(logits.float(), dim=-1), targets)
 
     def finish(self, launched: Launched) -> StepResult:
         """Wait for a launched step's samples and bring them to the host."""
+        if launched.logits is not None:  # a pipelined microbatch: its logits arrive now
+            self.sample(launched)
         output = launched.sampler_output.to_host() if launched.sampler_output is not None else None
         return StepResult(launched.sampled, output, launched.prompt_logprobs)

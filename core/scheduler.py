@@ -40,24 +40,33 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, can_preempt: bool = True, max_requests: int | None = None) -> ScheduledBatch:
+        """The next batch, of at most `max_requests` requests (a pipeline microbatch's share). A running request with
+        nothing to compute (its token is still in flight in another microbatch) is skipped; without `can_preempt`,
+        the batch stops where the blocks run out."""
         batch = ScheduledBatch([], [])
         budget = self.budget
+        room = max_requests or self.max_num_seqs
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch.requests) < room:
             request = self.running[i]
             count = min(request.num_tokens - request.num_computed_tokens, budget)
+            if count == 0:
+                i += 1
+                continue
             if self.kv.allocate(request, count):
                 batch.requests.append(request)
                 batch.num_new_tokens.append(count)
                 budget -= count
                 i += 1
                 continue
+            if not can_preempt:
+                return batch
             self.preempt(self.running.pop())  # the newest; it may be `request` itself
             batch.num_preempted += 1
         if batch.num_preempted:
             return batch
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(batch.requests) < room:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
             count = min(request.num_tokens - request.num_computed_tokens - len(cached) * self.kv.block_size, budget)

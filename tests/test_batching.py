@@ -74,7 +74,7 @@ def test_abort_during_async_continuation_frees_blocks():
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     while engine.stats["async_steps"] < 3:
         engine.step()
-    assert engine.inflight is not None  # a continuation is running while its parent step's tokens are read
+    assert engine.inflight  # a continuation is running while its parent step's tokens are read
     engine.abort("1")
     done = {}
     while engine.has_unfinished_requests():

@@ -21,6 +21,9 @@ def run(model: str | None, **engine_args):
               kv_cache_memory_bytes=64 << 20, **engine_args)
     outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     llm.engine.shutdown()
+    # with P stages, up to P microbatches of the requests are in flight at once (one per stage)
+    stages = engine_args.get("pipeline_parallel_size", 1)
+    assert llm.engine.stats["max_microbatches_in_flight"] in ((0,) if stages == 1 else range(2, stages + 1))
     return outputs
 
 
