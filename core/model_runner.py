@@ -326,6 +326,7 @@ class ModelRunner:
             self.sample(launched)
         return launched
 
+    @torch.inference_mode()
     def sample(self, launched: Launched) -> None:
         step, batch, plan = launched.logits.wait(launched.plan), launched.batch, launched.plan
         launched.logits = None

@@ -75,6 +75,27 @@ def test_embedded_model_in_two_stages_equals_one():
     assert_same(run(None, pipeline_parallel_size=2), run(None))
 
 
+def test_seeded_sampling_with_penalties_and_a_grammar_across_ranks():
+    """Rank 0 samples from the gathered (TP) or received (PP) logits exactly as one rank does: seeded top-p with a
+    presence penalty, and a choice grammar."""
+    from llmserve import StructuredOutputsParams
+
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=5, structured_outputs=StructuredOutputsParams(
+                  choice=["yes", "no"]))]
+    prompts = ["Once upon a time", "Is the sky blue? Answer:"]
+
+    def texts(**engine_args):
+        llm = LLM(dtype="float32", kv_cache_memory_bytes=64 << 20, **engine_args)
+        outputs = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.engine.shutdown()
+        return outputs
+
+    one = texts()
+    assert one[1] in ("yes", "no")
+    assert texts(tensor_parallel_size=3) == one and texts(pipeline_parallel_size=2) == one
+
+
 def test_sizes_that_do_not_divide_the_model_are_refused(checkpoints):
     with pytest.raises(ValueError, match="pipeline_parallel_size 5 is larger than the model's 4 layers"):
         LLM(model=checkpoints["LlamaForCausalLM"], skip_tokenizer_init=True, pipeline_parallel_size=5)
