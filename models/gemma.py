@@ -4,7 +4,8 @@ per-head q/k norms and a rotary embedding per layer type."""
 import torch
 from torch import nn
 
-from llmserve.models.layers import (MissingLayer, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, present,
+from llmserve.models.layers import (MissingLayer, RMSNorm, RotaryEmbedding, VocabParallelEmbedding, embedding_for_stage,
+                                    present,
                                     rope_parameters, stage_input, stage_layer_list, stage_output)
 from llmserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from llmserve.plugins import hookimpl
@@ -57,7 +58,8 @@ class GemmaModel(nn.Module):
         super().__init__()
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma with use_bidirectional_attention (an embedding model) is not supported")
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding_for_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
+                                                getattr(config, "tie_word_embeddings", False))
         # a buffer in the model's dtype, as in HF: sqrt(hidden_size) is rounded to it (sqrt(640) -> 25.25 in bf16)
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         self.layers = stage_layer_list(config.num_hidden_layers, lambda i: GemmaDecoderLayer(config, i, attention_cls))
@@ -70,7 +72,7 @@ class GemmaModel(nn.Module):
         self.layer_rotary = [distinct.index(s) for s in settings]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.norm.weight.dtype
         x, residual = stage_input(lambda: self.embed_tokens(input_ids) * self.embed_scale.to(dtype), input_ids,
                                   self.norm.weight.shape[0], dtype, with_residual=True)
         ropes = [rotary.cos_sin(positions) for rotary in self.rotaries]

@@ -3,8 +3,10 @@ positions, pre-norm LayerNorm blocks, fused q/k/v, tied head; checkpoints keep C
 import torch
 from torch import nn
 
+from llmserve.distributed import tp
 from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, MergedLinear, ParallelLMHead,
-                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, present,
+                                    RowParallelLinear, VocabParallelEmbedding, activation, embedding_for_stage,
+                                    head_for_stage, load_checkpoint, present,
                                     qkv_slices, stage_input, stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
 
@@ -63,12 +65,13 @@ class GPT2LMHeadModel(CausalLM):
         if hf_config.add_cross_attention:
             raise ValueError("GPT2LMHeadModel: add_cross_attention is not supported (no encoder to attend to)")
         self.config = hf_config
-        self.wte = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.wte = embedding_for_stage(lambda: VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size),
+                                       hf_config.tie_word_embeddings)
         self.wpe = nn.Embedding(hf_config.max_position_embeddings, hf_config.hidden_size)
         self.h = stage_layer_list(hf_config.num_hidden_layers, lambda i: GPT2Block(hf_config, i))
         self.ln_f = nn.LayerNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
-        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
-        if hf_config.tie_word_embeddings:
+        self.lm_head = head_for_stage(lambda: ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size))
+        if hf_config.tie_word_embeddings and tp().last_stage:
             self.lm_head.weight = self.wte.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:

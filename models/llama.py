@@ -3,8 +3,10 @@ this layout with other biases, windows, norms or rotary settings."""
 import torch
 from torch import nn
 
+from llmserve.distributed import tp
 from llmserve.models.layers import (Attention, CausalLM, MergedLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
-                                    RowParallelLinear, VocabParallelEmbedding, act_and_mul, layer_sliding_window,
+                                    RowParallelLinear, VocabParallelEmbedding, act_and_mul, embedding_for_stage,
+                                    head_for_stage, layer_sliding_window,
                                     load_checkpoint, present, qkv_slices, rope_parameters, stage_input,
                                     stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
@@ -80,7 +82,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding_for_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
+                                                getattr(config, "tie_word_embeddings", False))
         self.layers = stage_layer_list(config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i, attention_cls))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         attn = present(self.layers)[0].self_attn
@@ -88,7 +91,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, attn_metadata):
         x, residual = stage_input(lambda: self.embed_tokens(input_ids), input_ids, self.norm.weight.shape[0],
-                                  self.embed_tokens.weight.dtype, with_residual=True)
+                                  self.norm.weight.dtype, with_residual=True)
         rope = self.rotary.cos_sin(positions)
         for layer in present(self.layers):
             x, residual = layer(rope, x, residual, attn_metadata)
@@ -106,8 +109,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = hf_config
         self.model = self.model_cls(hf_config, self.attention_cls)
-        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
-        if getattr(hf_config, "tie_word_embeddings", False):
+        self.lm_head = head_for_stage(lambda: ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size))
+        if getattr(hf_config, "tie_word_embeddings", False) and tp().last_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:

@@ -5,8 +5,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from llmserve.distributed import tp
 from llmserve.models.layers import (Attention, CausalLM, ColumnParallelLinear, Linear, MergedLinear, ParallelLMHead,
-                                    RowParallelLinear, VocabParallelEmbedding, activation, load_checkpoint, present,
+                                    RowParallelLinear, VocabParallelEmbedding, activation, embedding_for_stage,
+                                    head_for_stage, load_checkpoint, present,
                                     qkv_slices, stage_input, stage_layer_list, stage_output)
 from llmserve.plugins import hookimpl
 
@@ -53,7 +55,8 @@ class OPTDecoder(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
+        self.embed_tokens = embedding_for_stage(lambda: VocabParallelEmbedding(config.vocab_size, embed_dim),
+                                                config.tie_word_embeddings)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
         self.project_out = Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
@@ -87,8 +90,8 @@ class OPTForCausalLM(CausalLM):
         super().__init__()
         self.config = hf_config
         self.decoder = OPTDecoder(hf_config)  # HF's `model.decoder`: load_weights drops the `model.`
-        self.lm_head = ParallelLMHead(hf_config.word_embed_proj_dim, hf_config.vocab_size)
-        if hf_config.tie_word_embeddings:
+        self.lm_head = head_for_stage(lambda: ParallelLMHead(hf_config.word_embed_proj_dim, hf_config.vocab_size))
+        if hf_config.tie_word_embeddings and tp().last_stage:
             self.lm_head.weight = self.decoder.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:

@@ -71,6 +71,19 @@ def test_pipeline_stages_equal_tp1(checkpoints, architecture, tp_size, pp_size):
     assert_same(run(folder, tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size), run(folder))
 
 
+def test_a_stage_holds_only_its_layers(checkpoints):
+    """Rank 0, the first of two stages of an untied Llama: the embedding and layers 0-1, no LM head, no layers 2-3."""
+    from llmserve.models.layers import MissingLayer
+
+    llm = LLM(model=checkpoints["LlamaForCausalLM"], dtype="float32", skip_tokenizer_init=True,
+              kv_cache_memory_bytes=64 << 20, pipeline_parallel_size=2)
+    model = llm.engine.runner.model
+    assert [isinstance(layer, MissingLayer) for layer in model.model.layers] == [False, False, True, True]
+    assert isinstance(model.lm_head, MissingLayer) and not isinstance(model.model.embed_tokens, MissingLayer)
+    assert len(llm.engine.runner.layers()) == 2  # KV cache for its own two layers
+    llm.engine.shutdown()
+
+
 def test_embedded_model_in_two_stages_equals_one():
     assert_same(run(None, pipeline_parallel_size=2), run(None))
 

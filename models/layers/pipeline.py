@@ -39,3 +39,13 @@ def stage_output(*tensors: torch.Tensor | None) -> bool:
         return False
     send_to_next_stage(*tensors)
     return True
+
+
+def embedding_for_stage(build: Callable[[], nn.Module], tied: bool) -> nn.Module:
+    """The token embedding where a stage uses it: the first stage, and the last when the LM head shares its weight."""
+    return build() if tp().first_stage or (tied and tp().last_stage) else MissingLayer()
+
+
+def head_for_stage(build: Callable[[], nn.Module]) -> nn.Module:
+    """The LM head, on the last stage only."""
+    return build() if tp().last_stage else MissingLayer()
