@@ -25,7 +25,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from llmserve.backends.triton_attn import write_kv
+from llmserve.backends.triton_attn import TritonAttnBackend, write_kv
 from llmserve.interfaces import AttentionBackend, AttentionSpec, BatchLayout
 from llmserve.plugins import hookimpl
 
@@ -204,20 +204,12 @@ class FlashAttnBackend(AttentionBackend):
 
     @staticmethod
     def host_metadata(batch: BatchLayout, width: int | None = None) -> np.ndarray:
-        """One host buffer for one copy: cu_seqlens_q [B + 1], seqused_k [B], cu_seqlens_k [B + 1], page table
-        [B, width]."""
+        """One host buffer for one copy: TRITON_ATTN's (cu_seqlens_q [B + 1], seqused_k [B], page table [B, width])
+        with cu_seqlens_k [B + 1] after seqused_k."""
         num_reqs = len(batch.query_lens)
-        lengths = np.array([len(t) for t in batch.block_tables], dtype=np.int64)
-        width = width or max(int(lengths.max(initial=0)), 1)
-        host = np.zeros(3 * num_reqs + 2 + num_reqs * width, dtype=np.int32)
-        seq_lens = batch.seq_lens
-        host[:num_reqs + 1] = batch.query_start_loc
-        host[num_reqs + 1:2 * num_reqs + 1] = seq_lens
-        host[2 * num_reqs + 2:3 * num_reqs + 2] = np.cumsum(seq_lens)
-        table = host[3 * num_reqs + 2:].reshape(num_reqs, width)
-        if lengths.sum():
-            table[np.arange(width)[None, :] < lengths[:, None]] = np.concatenate(batch.block_tables)
-        return host
+        host = TritonAttnBackend.host_metadata(batch, width)
+        cu_seqlens_k = np.concatenate([[0], np.cumsum(host[num_reqs + 1:2 * num_reqs + 1])]).astype(np.int32)
+        return np.concatenate([host[:2 * num_reqs + 1], cu_seqlens_k, host[2 * num_reqs + 1:]])
 
     def build_metadata(self, batch: BatchLayout, width: int | None = None,
                        max_seq_len: int | None = None) -> FlashAttnMetadata:

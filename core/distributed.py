@@ -34,10 +34,14 @@ class ParallelState:
     def global_rank(self) -> int:
         return self.stage * self.size + self.rank
 
+    @property
+    def world_size(self) -> int:
+        return self.size * self.stages
+
 
 _state = ParallelState()
 _tp_group = None
-_cpu_group = None
+_cpu_group = None  # a gloo group of all ranks, for host objects (the step's plan) whatever the device
 
 
 def tp() -> ParallelState:
@@ -92,16 +96,11 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def min_over_ranks(value: int) -> int:
-    if _state.size * _state.stages == 1:
+    if _state.world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=cpu_group())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_cpu_group)
     return int(t.item())
-
-
-def cpu_group():
-    """A gloo group of all ranks, for host objects (the step's inputs) whatever the device."""
-    return _cpu_group
 
 
 PLAN_TAG, HIDDEN_TAG = 1, 2  # tags keep the point-to-point streams apart where they share a gloo group
@@ -127,12 +126,11 @@ def receive_from_previous_stage(*like: torch.Tensor | None) -> list[torch.Tensor
     return received
 
 
-def split_evenly(total: int, what: str, size: int | None = None) -> int:
-    """total / size, or a ValueError naming `what` when the ranks cannot share it evenly."""
-    size = size or _state.size
-    if total % size:
-        raise ValueError(f"tensor_parallel_size {size} does not divide the model's {what} ({total})")
-    return total // size
+def split_evenly(total: int, what: str) -> int:
+    """total / tensor_parallel_size, or a ValueError naming `what` when the ranks cannot share it evenly."""
+    if total % _state.size:
+        raise ValueError(f"tensor_parallel_size {_state.size} does not divide the model's {what} ({total})")
+    return total // _state.size
 
 
 def stage_layers(num_layers: int) -> range:
@@ -144,13 +142,13 @@ def stage_layers(num_layers: int) -> range:
     return range(start, start + per + (1 if _state.stage < extra else 0))
 
 
-def send_object(obj, dst: int) -> list:
-    """`obj` pickled to global rank `dst` over the gloo group, without waiting: the works to wait on (they hold the
-    buffers)."""
+def send_object(obj, ranks: range) -> tuple[list, tuple]:
+    """`obj`, pickled once, to each of `ranks` over the gloo group without waiting: the sends to wait on, and the
+    buffers they read (to keep until then)."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst, group=_cpu_group, tag=PLAN_TAG), dist.isend(payload, dst, group=_cpu_group,
-                                                                              tag=PLAN_TAG), size, payload]
+    works = [dist.isend(t, rank, group=_cpu_group, tag=PLAN_TAG) for rank in ranks for t in (size, payload)]
+    return works, (size, payload)
 
 
 def recv_object(src: int):

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmserve.config import EngineConfig
 from llmserve import distributed
+from llmserve.config import EngineConfig
 from llmserve.errors import ParamError
 from llmserve.executor import start_workers
 from llmserve.kv_cache import KVCacheManager
@@ -71,7 +71,7 @@ class LLMEngine:
             find_model(config.tokenizer) if config.tokenizer else self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        if distributed.tp().size * distributed.tp().stages > 1:  # the layers read this process's one parallel state
+        if distributed.tp().world_size > 1:  # the layers read this process's one parallel state
             raise ValueError("a tensor-parallel engine is running in this process; shut it down first "
                              "(llm.engine.shutdown())")
         workers = (start_workers(config, self.model_path, self.hf_config, self.platform)

@@ -2,9 +2,9 @@
 Ray actors anywhere in a Ray cluster (`ray`, `pip install llmserve[ray]`).
 
 Each worker joins the torch.distributed group (NCCL on GPUs, gloo on the CPU), builds its ModelRunner (its slice of
-every layer, its share of the KV cache), then runs every step rank 0 plans: rank 0 broadcasts the step's StepPlan
-(ids, positions, block tables, slot mapping, rows to sample) over a gloo group and all ranks execute it, meeting in
-the same collectives. Only rank 0 samples. A worker that exits is named by the next step (or the engine's idle
+every layer, its share of the KV cache), then runs every step rank 0 plans: rank 0 sends the step's StepPlan (ids,
+positions, block tables, slot mapping, rows to sample) to each rank over a gloo group without waiting, and all ranks
+execute it, meeting in the same collectives. Only rank 0 samples. A worker that exits is named by the next step (or the engine's idle
 health check), which raises WorkerDied instead of waiting for it.
 """
 import logging
@@ -58,7 +58,7 @@ class Workers:
 
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         self.size = tp_size * pp_size
-        self.in_flight: list = []  # plan sends not yet done, with their buffers
+        self.in_flight: list[tuple[list, tuple]] = []  # plan sends not yet done, with their buffers
         check_fits(model_class(hf_config), hf_config, tp_size, pp_size)
         device = platform.device()
         init_method = f"tcp://{self.host}:{free_port()}"
@@ -85,9 +85,9 @@ class Workers:
         busy with an earlier microbatch."""
         self.check_alive()
         try:
-            self.in_flight = [item for item in self.in_flight if not all(w.is_completed() for w in item[:2])]
-            for rank in range(1, self.size):
-                self.in_flight.append(distributed.send_object(plan, rank))
+            self.in_flight = [(works, buffers) for works, buffers in self.in_flight
+                              if not all(w.is_completed() for w in works)]
+            self.in_flight.append(distributed.send_object(plan, range(1, self.size)))
         except RuntimeError:
             self.check_alive()  # a rank that died mid-step is the reason: name it
             raise
@@ -96,9 +96,9 @@ class Workers:
 def tell_workers_to_stop(alive: bool) -> None:
     try:
         if alive and dist.is_initialized():
-            for rank in range(1, dist.get_world_size()):
-                for work in distributed.send_object(None, rank)[:2]:
-                    work.wait()
+            works, _ = distributed.send_object(None, range(1, dist.get_world_size()))
+            for work in works:
+                work.wait()
     except RuntimeError:
         pass  # a rank went meanwhile: the caller ends them all anyway
 
