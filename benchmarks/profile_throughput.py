@@ -87,7 +87,7 @@ def main() -> None:
                                     attention_backend=args.attention_backend, enforce_eager=args.enforce_eager))
     workload = make_workload(engine, args.num_prompts, args.input_len, args.output_len, None, 0)
     warm_up(engine)
-    bandwidth = memory_bandwidth(engine.runner.device)
+    bandwidth = memory_bandwidth(engine)
     steps = timed_run(engine, workload)
     rows = step_table(steps, kv_bytes_per_token(engine), bandwidth)
     profiled_wall, kinds = kernel_table(engine, workload)

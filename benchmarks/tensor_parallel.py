@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2")
     parser.add_argument("--serve", metavar="MODEL", help="serve this model and load it with `llm bench serve`")
     parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--cases", default="throughput,latency", help="which of throughput,latency to run")
     parser.add_argument("--out", help="write the full results as JSON here")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -70,11 +71,17 @@ def main() -> None:
     else:
         first = {}
         for size in sizes:
-            t = results[f"throughput tp{size}"] = bench("throughput", args.model, size, [
-                "--num-prompts", str(args.num_prompts), "--input-len", "1024", "--output-len", "128"])
-            lat = results[f"latency tp{size}"] = bench("latency", args.model, size, ["--batch-size", "1"])
-            for name, r, key, unit in (("throughput", t, "requests_per_s", "req/s"),
-                                       ("batch-1 time per output token", lat, "time_per_output_token_ms", "ms")):
+            cases = []
+            if "throughput" in args.cases:
+                cases.append(("throughput", bench("throughput", args.model, size, [
+                    "--num-prompts", str(args.num_prompts), "--input-len", "1024", "--output-len", "128"]),
+                    "requests_per_s", "req/s"))
+            if "latency" in args.cases:
+                cases.append(("batch-1 time per output token", bench("latency", args.model, size,
+                                                                     ["--batch-size", "1"]),
+                              "time_per_output_token_ms", "ms"))
+            for name, r, key, unit in cases:
+                results[f"{name} tp{size}"] = r
                 value = r.get(key)
                 first.setdefault(name, value)
                 rows.append((name, str(size), "error" if value is None else f"{value:.2f} {unit}",

@@ -54,13 +54,14 @@ def make_workload(engine: LLMEngine, num_prompts: int, input_len: str, output_le
     return Workload(prompts, output_lens)
 
 
-def memory_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
+def memory_bandwidth(engine: LLMEngine, size: int = 1 << 30) -> float:
     """Measured copy bandwidth in bytes/s (read + write) of one large buffer on the device."""
+    device = engine.runner.device
     source = torch.empty(size // 2, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     for _ in range(2):
         target.copy_(source)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: engine.platform.synchronize(device)
     sync()
     start, repeats = time.perf_counter(), 10
     for _ in range(repeats):
@@ -118,7 +119,7 @@ def bench_throughput(
     steps_before = engine.stats["steps"]
     wall, output_tokens = run_all(engine, workload, ignore_eos)
     steps = engine.stats["steps"] - steps_before
-    bandwidth = memory_bandwidth(engine.runner.device)
+    bandwidth = memory_bandwidth(engine)
     # Each step reads every weight once, and each output token's step reads its request's whole KV cache.
     kv_read = kv_bytes_per_token(engine) * sum(len(p) * n + n * (n - 1) // 2
                                                for p, n in zip(workload.prompts, workload.output_lens))
@@ -155,7 +156,7 @@ def bench_latency(
     prefill = Workload(workload.prompts, [1] * batch_size)
     prefill_wall = float(np.median([run_all(engine, prefill, ignore_eos=True)[0] for _ in range(num_iters)]))
     wall = float(np.median(walls))
-    bandwidth = memory_bandwidth(engine.runner.device)
+    bandwidth = memory_bandwidth(engine)
     result = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len, "latency_s": wall,
               "latencies_s": walls, "prefill_s": prefill_wall,
               "time_per_output_token_ms": (wall - prefill_wall) / max(output_len - 1, 1) * 1000,

@@ -59,12 +59,13 @@ def assume(state: ParallelState):
         _state = previous
 
 
-def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device) -> None:
-    """Join the world of tp_size * pp_size ranks (one per device) as `global_rank`, and the groups of each stage."""
+def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
+         backend: str) -> None:
+    """Join the world of tp_size * pp_size ranks (one per device) as `global_rank`, and the groups of each stage;
+    `backend` is the platform's (NCCL on CUDA devices, gloo on the CPU)."""
     global _state, _tp_group, _cpu_group
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=global_rank, world_size=tp_size * pp_size,
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type != "cpu" else None)
     for stage in range(pp_size):  # every rank makes every group, in the same order
         group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
         if stage == global_rank // tp_size:
@@ -74,9 +75,16 @@ def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device:
 
 
 def shutdown() -> None:
+    """Leave the process group. NCCL's communicators are aborted, not destroyed: destroying one waits for every rank to
+    destroy theirs (a rank that died, or one that left first, never does); aborting is local, and ends kernels that
+    still wait for a dead rank."""
     global _state, _tp_group, _cpu_group
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":
+            dist.destroy_process_group(_cpu_group)  # gloo: local
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
     _state, _tp_group, _cpu_group = ParallelState(), None, None
 
 
@@ -93,6 +101,12 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_state.size)]
     dist.all_gather(parts, x.contiguous(), group=_tp_group)
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_first_rank(x: torch.Tensor) -> None:
+    """x of the stage's first rank into x of its other ranks (on GPUs, queued on the stream: the host goes on)."""
+    if _state.size > 1:
+        dist.broadcast(x, _state.stage * _state.size, group=_tp_group)
 
 
 def min_over_ranks(value: int) -> int:

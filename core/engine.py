@@ -61,7 +61,7 @@ def resolve_max_model_len(config: EngineConfig, hf_config, num_blocks: int) -> i
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.platform = current_platform()
+        self.platform = current_platform(config.device)
         if config.max_num_batched_tokens is None:
             config = dataclasses.replace(config, max_num_batched_tokens=self.platform.max_num_batched_tokens)
         self.config = config
@@ -91,9 +91,8 @@ class LLMEngine:
         # launched steps not yet read: an async continuation, or one microbatch per pipeline stage
         self.inflight: deque[Launched] = deque()
         self.pipeline_depth = config.pipeline_parallel_size
-        # a continuation takes its tokens from rank 0's device, which the other tensor-parallel ranks cannot see
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.runner.device.type == "cuda") and workers is None
+                                 else self.platform.async_scheduling) and self.pipeline_depth == 1
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "max_batch_size": 0, "steps": 0, "async_steps": 0,
                       "max_microbatches_in_flight": 0}
         logger.info("engine ready: %s on %s, backend %s, dtype %s, max_model_len %d", self.model_path,

@@ -4,8 +4,10 @@ Ray actors anywhere in a Ray cluster (`ray`, `pip install llmserve[ray]`).
 Each worker joins the torch.distributed group (NCCL on GPUs, gloo on the CPU), builds its ModelRunner (its slice of
 every layer, its share of the KV cache), then runs every step rank 0 plans: rank 0 sends the step's StepPlan (ids,
 positions, block tables, slot mapping, rows to sample) to each rank over a gloo group without waiting, and all ranks
-execute it, meeting in the same collectives. Only rank 0 samples. A worker that exits is named by the next step (or the engine's idle
-health check), which raises WorkerDied instead of waiting for it.
+execute it, meeting in the same collectives. Only rank 0 samples; with async scheduling a step that continues the one
+before takes its sampled tokens from rank 0 by one broadcast on the device. A worker that exits is named by the next
+step, by rank 0's wait for a step's samples, or by the engine's idle health check, which raise WorkerDied instead of
+waiting for it.
 """
 import logging
 import os
@@ -13,6 +15,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 import weakref
 
 import torch
@@ -42,12 +45,6 @@ def check_fits(model_cls, hf_config, tp_size: int, pp_size: int) -> None:
         model_cls(hf_config, torch.float32)
 
 
-def share_cpu_threads(device: torch.device, size: int) -> None:
-    """CPU ranks on one machine share its cores: each takes its part (oversubscribed ranks slow every collective)."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-
-
 class Workers:
     """The other ranks, seen from rank 0: started by a subclass, then sent each step's plan."""
 
@@ -60,12 +57,12 @@ class Workers:
         self.size = tp_size * pp_size
         self.in_flight: list[tuple[list, tuple]] = []  # plan sends not yet done, with their buffers
         check_fits(model_class(hf_config), hf_config, tp_size, pp_size)
-        device = platform.device()
+        self.platform = platform
+        self.graphs: list = []  # rank 0's DecodeGraphs, released before the process group
         init_method = f"tcp://{self.host}:{free_port()}"
         self.start(config, model_path, init_method)
-        share_cpu_threads(device, self.size)
-        distributed.init(0, tp_size, pp_size, init_method,
-                         torch.device(device.type, 0) if device.type == "cuda" else device)
+        distributed.init(0, tp_size, pp_size, init_method, platform.bind_rank(0, self.size),
+                         platform.distributed_backend)
 
     def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
         raise NotImplementedError
@@ -79,6 +76,18 @@ class Workers:
         if gone:
             rank, how = gone[0]
             raise WorkerDied(f"tensor-parallel rank {rank} {how}; the engine cannot go on without it")
+
+    def wait_for(self, event) -> None:
+        """Wait for a step's event (None: nothing to wait for), naming a rank that dies meanwhile: on GPUs the step's
+        collectives would wait for it forever."""
+        if event is None:
+            return
+        checked = time.monotonic()
+        while not event.query():
+            if time.monotonic() - checked > 0.2:
+                self.check_alive()
+                checked = time.monotonic()
+            time.sleep(0)  # let other threads (the server's) run
 
     def send(self, plan) -> None:
         """The step's plan to every other rank, without waiting for them: a later pipeline stage may still be
@@ -107,9 +116,10 @@ class ProcessWorkers(Workers):
     """Workers as fresh interpreters on this machine, one device each (GPU `rank`, or a share of the CPU)."""
 
     def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
-        if config.device is None and torch.cuda.is_available() and self.size > torch.cuda.device_count():
-            raise ValueError(f"{self.size} ranks (tensor x pipeline parallel) need {self.size} GPUs; this machine has "
-                             f"{torch.cuda.device_count()} (a Ray cluster can bring more: "
+        devices = self.platform.device_count()
+        if devices is not None and self.size > devices:
+            raise ValueError(f"{self.size} ranks (tensor x pipeline parallel) need {self.size} devices; this machine "
+                             f"has {devices} {self.platform.name} devices (a Ray cluster can bring more: "
                              "--distributed-executor-backend ray)")
         # Fresh interpreters, not multiprocessing's spawn: that re-imports the user's __main__, which fails in a
         # script without a __main__ guard; fork would copy CUDA and OpenMP state that children cannot use.
@@ -120,14 +130,24 @@ class ProcessWorkers(Workers):
             process.stdin.write(pickle.dumps((rank, self.size, init_method, config, model_path, rank)))
             process.stdin.close()
             self.processes.append(process)
-        self.stop = weakref.finalize(self, stop_processes, self.processes)  # on stop() or when rank 0 lets go
+        self.stop = weakref.finalize(self, stop_processes, self.processes, self.graphs,
+                                     self.platform)  # on stop() or when rank 0 lets go
 
     def exited(self) -> list[tuple[int, str]]:
         return [(rank, f"(pid {p.pid}) exited with code {p.returncode}")
                 for rank, p in enumerate(self.processes, start=1) if p.poll() is not None]
 
 
-def stop_processes(processes) -> None:
+def release_graphs(graphs: list, platform) -> None:
+    """Rank 0's captured graphs go before its process group: NCCL does not tear down a communicator that a graph
+    still holds (it waits for ever)."""
+    for g in graphs:
+        g.release()
+    graphs.clear()
+    platform.synchronize(None)
+
+
+def stop_processes(processes, graphs: list, platform) -> None:
     """Tell live workers to leave their loop, wait for them (kill the stuck), leave the process group."""
     try:
         tell_workers_to_stop(all(p.poll() is None for p in processes))
@@ -138,6 +158,7 @@ def stop_processes(processes) -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        release_graphs(graphs, platform)
         distributed.shutdown()
 
 
@@ -161,8 +182,8 @@ class RayWorkers(Workers):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         ray = self.ray
-        gpu = torch.cuda.is_available() and config.device is None
-        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        resource = self.platform.ray_resource
+        bundle = {resource: 1, "CPU": 1} if resource else {"CPU": 1}
         self.group = ray.util.placement_group([bundle] * (self.size - 1),
                                               strategy=os.environ.get("LLMSERVE_RAY_PLACEMENT", "PACK"))
         ready, _ = ray.wait([self.group.ready()], timeout=300)
@@ -170,14 +191,16 @@ class RayWorkers(Workers):
             ray.util.remove_placement_group(self.group)
             raise ValueError(f"the Ray cluster has no room for {self.size - 1} workers of {bundle} each "
                              f"(ray.cluster_resources(): {ray.cluster_resources()})")
-        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(RankActor)
+        device = {} if not resource else {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
+        actor = ray.remote(num_cpus=1, **device)(RankActor)
         self.actors, self.runs = [], []
         for rank in range(1, self.size):
             strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank - 1)
             handle = actor.options(scheduling_strategy=strategy, name=f"llmserve-tp{rank}-{os.getpid()}").remote()
             self.actors.append(handle)  # Ray shows each actor its own GPU as device 0
             self.runs.append(handle.run.remote(rank, self.size, init_method, config, model_path, 0))
-        self.stop = weakref.finalize(self, stop_actors, ray, self.actors, self.runs, self.group)
+        self.stop = weakref.finalize(self, stop_actors, ray, self.actors, self.runs, self.group, self.graphs,
+                                     self.platform)
 
     def exited(self) -> list[tuple[int, str]]:
         done, _ = self.ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
@@ -193,7 +216,7 @@ class RayWorkers(Workers):
         return gone
 
 
-def stop_actors(ray, actors, runs, group) -> None:
+def stop_actors(ray, actors, runs, group, graphs: list, platform) -> None:
     if not ray.is_initialized():  # Ray shut down first (at exit): it ended this job's actors itself
         distributed.shutdown()
         return
@@ -205,6 +228,7 @@ def stop_actors(ray, actors, runs, group) -> None:
         for actor in actors:
             ray.kill(actor)
         ray.util.remove_placement_group(group)
+        release_graphs(graphs, platform)
         distributed.shutdown()
 
 
@@ -220,7 +244,8 @@ def start_workers(config: EngineConfig, model_path: str, hf_config, platform) ->
 
     executors = registry().of("executor")
     world = config.tensor_parallel_size * config.pipeline_parallel_size
-    more_than_here = config.device is None and torch.cuda.is_available() and world > torch.cuda.device_count()
+    devices = platform.device_count()
+    more_than_here = devices is not None and world > devices
     name = config.distributed_executor_backend or ("ray" if os.environ.get("RAY_ADDRESS") or more_than_here else "mp")
     if name not in executors:
         raise ValueError(f"unknown distributed_executor_backend {name!r}; registered: {', '.join(sorted(executors))}")
@@ -244,18 +269,18 @@ def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, mo
     from llmserve.model_runner import ModelRunner
     from llmserve.plugins.select import current_platform
 
-    platform = current_platform()
-    device = platform.device()
-    if device.type == "cuda":
-        device = torch.device("cuda", device_index)
-        torch.cuda.set_device(device)
-    share_cpu_threads(device, size)
-    distributed.init(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, device)
+    platform = current_platform(config.device)
+    device = platform.bind_rank(device_index, size)
+    distributed.init(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, device,
+                     platform.distributed_backend)
     try:
         hf_config = load_hf_config(model_path)
         runner = ModelRunner(config, model_path, hf_config, platform, device)
         runner.prepare_decode(resolve_max_model_len(config, hf_config, runner.num_blocks))
         while (plan := distributed.recv_object(0)) is not None:
             runner.execute(plan)
+        if runner.graphs is not None:
+            runner.graphs.release()
+            platform.synchronize(device)
     finally:
         distributed.shutdown()

@@ -1,18 +1,21 @@
 """The plugin contracts: what an attention backend, a model and a platform provide."""
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 
 class HostUploads(Protocol):
-    """The runner's pinned host buffers, used in turn per step (see model_runner.PinnedUploads)."""
+    """Pinned host buffers used in turn per step (plugins/cuda.py's PinnedUploads)."""
 
     def __call__(self, array: np.ndarray) -> torch.Tensor: ...
 
     def stage(self, array: np.ndarray) -> torch.Tensor: ...
+
+    def next_step(self, wait: Callable[[Any], None] | None = None) -> None:
+        """A new step begins: buffers used two steps ago are reused once `wait` (default: block) says they are free."""
 
 
 @dataclass
@@ -136,11 +139,33 @@ class AttentionLayer(Protocol):
     logit_softcap: float | None  # scores (after scale) become cap * tanh(scores / cap)
 
 
+class DecodeGraphs(Protocol):
+    """A platform's captured graphs of decode steps, one per padded batch size (see plugins/cuda.py)."""
+
+    def padded_size(self, query_lens: np.ndarray) -> int | None:
+        """The captured size a batch runs at, or None when it must run eagerly."""
+
+    def capture(self) -> None: ...
+
+    def run_each_size(self) -> None:
+        """Each size once without capturing (enforce_eager): its kernels compile now, not in the first steps."""
+
+    def run(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def release(self) -> None:
+        """Free the graphs; the engine is shutting down."""
+
+
 class Platform(ABC):
+    """A kind of device: everything device-specific the engine needs, so that core/ names no device."""
+
     name: ClassVar[str]
     device_type: ClassVar[str]
     attention_backends: ClassVar[tuple[str, ...]]  # preference order
     max_num_batched_tokens: ClassVar[int] = 2048  # the default token budget of a step
+    distributed_backend: ClassVar[str] = "gloo"  # torch.distributed's, between the ranks of one model
+    async_scheduling: ClassVar[bool] = False  # the default: launch step N+1 before step N's tokens are read
+    ray_resource: ClassVar[str | None] = None  # the Ray resource of one device ("GPU"); None: a rank takes a CPU
 
     @classmethod
     @abstractmethod
@@ -155,6 +180,16 @@ class Platform(ABC):
         return torch.device(cls.device_type)
 
     @classmethod
+    def device_count(cls) -> int | None:
+        """How many ranks this machine can hold, one device each (None: any number share it)."""
+        return None
+
+    @classmethod
+    def bind_rank(cls, local_index: int, ranks_here: int) -> torch.device:
+        """This process's device as local rank `local_index` of `ranks_here` on the machine, made current."""
+        return cls.device()
+
+    @classmethod
     def prepare_model(cls, model) -> None:
         """Last changes to a loaded model for this platform (e.g. weight layouts for its kernels)."""
 
@@ -165,8 +200,29 @@ class Platform(ABC):
 
     @classmethod
     @abstractmethod
-    def kv_cache_bytes(cls, config) -> int:
-        """Bytes to give the KV cache, once weights are loaded."""
+    def kv_cache_bytes(cls, config, profile_step: Callable[[], None]) -> int:
+        """Bytes to give the KV cache, once weights are loaded. `profile_step` runs the largest step the engine
+        will run (max_num_batched_tokens), for a platform that measures its peak memory."""
+
+    @classmethod
+    def memory_info(cls, device: torch.device) -> tuple[int, int] | None:
+        """(free, total) bytes of the device, for error messages (None: not known)."""
+        return None
+
+    @classmethod
+    def host_uploads(cls, device: torch.device) -> HostUploads | None:
+        """Buffers through which host arrays reach the device without waiting for queued work (None: plain copies)."""
+        return None
+
+    @classmethod
+    def decode_graphs(cls, model, backend: AttentionBackend, max_batch: int, max_model_len: int, block_size: int,
+                      device: torch.device) -> DecodeGraphs | None:
+        """Graphs for decode steps, when the platform has them (the backend supports_cuda_graphs)."""
+        return None
+
+    @classmethod
+    def synchronize(cls, device: torch.device | None) -> None:
+        """Wait for the work queued on the device (None: the current one)."""
 
 
 class ModelArchitecture(Protocol):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from llmserve.config import EngineConfig, resolve_dtype
-from llmserve.distributed import min_over_ranks, tp
+from llmserve.distributed import broadcast_from_first_rank, min_over_ranks, tp
 from llmserve.interfaces import BatchLayout, Platform
 from llmserve.loader import iter_weights
 from llmserve.plugins.select import model_class, select_attention_backend
@@ -31,38 +31,6 @@ class Launched:
     logits: "StepLogits | None" = None  # until sampled
 
 
-class PinnedUploads:
-    """Host arrays to the device through two pinned buffers used in turn, one per step: a copy never waits for
-    the GPU work queued before it (a pageable copy would), and a buffer is rewritten only two steps later,
-    once the GPU has done the step that read it (usually long since: the engine reads each step's samples; a
-    prefill step samples nothing, so the event is what keeps the host from running further ahead)."""
-
-    def __init__(self, nbytes: int, device: torch.device) -> None:
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.done = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after the work queued with each buffer
-        self.device, self.turn, self.offset = device, 0, 0
-
-    def next_step(self) -> None:
-        self.done[self.turn].record()
-        self.turn, self.offset = self.turn ^ 1, 0
-        self.done[self.turn].synchronize()
-
-    def stage(self, array: np.ndarray) -> torch.Tensor:
-        """`array` copied into this step's pinned buffer (a pageable tensor when it does not fit)."""
-        array = np.ascontiguousarray(array)
-        start = -(-self.offset // 16) * 16
-        buffer = self.buffers[self.turn]
-        if start + array.nbytes > buffer.numel():
-            return torch.from_numpy(array)
-        self.offset = start + array.nbytes
-        staged = buffer[start:self.offset]
-        staged.numpy()[:] = array.reshape(-1).view(np.uint8)
-        return staged.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
-
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
-        return self.stage(array).to(self.device, non_blocking=True)
-
-
 @dataclass
 class StepPlan:
     """One step's model inputs on the host (no Request objects): what rank 0 sends the other tensor-parallel ranks."""
@@ -74,6 +42,7 @@ class StepPlan:
     positions: np.ndarray  # [T] int64
     slots: np.ndarray  # [T] int64, -1 for padding
     graph_size: int | None  # the captured CUDA graph it runs in (None: eager)
+    continuation: bool  # the ids of its sampled rows are the previous step's samples, still on rank 0's device
     sample_rows: list[int]  # batch rows that sample a token
     prompt_spans: list[tuple[int, int, int]]  # (batch row, first flat token, count) of prompt logprobs asked for
 
@@ -123,11 +92,9 @@ class ModelRunner:
         self.spec = self.model.attention_spec(config.block_size)
         self.backend = select_attention_backend(config.attention_backend, self.spec, platform)(self.spec, self.device)
         platform.prepare_model(self.model)
-        self.uploads = PinnedUploads(64 << 20, self.device) if self.device.type == "cuda" else None
+        self.uploads = platform.host_uploads(self.device)
         self.graphs = None
         self.workers = None  # the other tensor-parallel ranks, on rank 0 (executor.Workers)
-        if self.device.type == "cuda" and not config.kv_cache_memory_bytes:
-            self.profile_peak_memory()
         self.num_blocks = self.allocate_kv_cache()
 
     def build_model(self, cls, hf_config) -> torch.nn.Module:
@@ -142,13 +109,15 @@ class ModelRunner:
     def weights_do_not_fit(self, cls, hf_config) -> str:
         with torch.device("meta"):
             needed = sum(p.numel() for p in cls(hf_config, self.dtype).parameters()) * self.dtype.itemsize
-        free, total = torch.cuda.mem_get_info(self.device)
+        room = ""
+        if (memory := self.platform.memory_info(self.device)) is not None:
+            room = f" ({memory[1] / 2**30:.1f} GiB, {memory[0] / 2**30:.1f} GiB free before loading)"
         return (f"the model's weights need {needed / 2**30:.1f} GiB in {str(self.dtype).removeprefix('torch.')}, "
-                f"more than the {total / 2**30:.1f} GiB GPU has room for ({free / 2**30:.1f} GiB free before loading); "
-                "use a GPU with more memory, a smaller model or a smaller dtype")
+                f"more than the {self.device} has room for{room}; use a device with more memory, more "
+                "tensor-parallel ranks, a smaller model or a smaller dtype")
 
     @torch.inference_mode()
-    def profile_peak_memory(self) -> None:
+    def profile_step(self) -> None:
         """One forward pass of max_num_batched_tokens tokens (and logits for max_num_seqs rows), so that the
         peak memory it leaves in torch's statistics tells the platform what the KV cache may take."""
         tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
@@ -157,7 +126,6 @@ class ModelRunner:
         lengths = np.array([longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else []))
         blocks = -(-lengths // bs)
         num_blocks = int(blocks.sum())
-        torch.cuda.reset_peak_memory_stats(self.device)
         layers = self.layers()
         for layer in layers:
             layer.backend = self.backend
@@ -175,7 +143,6 @@ class ModelRunner:
             self.model.compute_logits(hidden[:rows]).float().log_softmax(-1).sort(dim=-1)
         for layer in layers:
             layer.kv_cache = torch.empty(0)
-        torch.cuda.synchronize(self.device)
 
     def init_dummy_weights(self) -> None:
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
@@ -195,7 +162,8 @@ class ModelRunner:
         layers = self.layers()
         s = self.spec
         bytes_per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize * len(layers)
-        num_blocks = min_over_ranks(self.platform.kv_cache_bytes(self.config) // bytes_per_block)  # one block table
+        cache_bytes = self.platform.kv_cache_bytes(self.config, self.profile_step)
+        num_blocks = min_over_ranks(cache_bytes // bytes_per_block)  # one block table for all ranks
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache: one block of {s.block_size} tokens needs "
                              f"{bytes_per_block} bytes; raise kv_cache_memory_bytes or gpu_memory_utilization, "
@@ -215,17 +183,19 @@ class ModelRunner:
     def prepare_decode(self, max_model_len: int) -> None:
         """Capture the decode CUDA graphs, or with enforce_eager run each decode shape once: either way the kernels
         compile now, not during the first steps."""
-        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs or tp().stages > 1:
+        if tp().stages > 1:
             return  # pipeline stages run eagerly: a graph would hold their sends and receives
-        from llmserve.cuda_graphs import DecodeGraphs
-
-        graphs = DecodeGraphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
-                              self.config.block_size, self.device)
+        graphs = self.platform.decode_graphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
+                                             self.config.block_size, self.device)
+        if graphs is None:
+            return
         if self.config.enforce_eager:
             graphs.run_each_size()
         else:
             graphs.capture()
             self.graphs = graphs
+            if self.workers is not None:
+                self.workers.graphs.append(graphs)
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """The step's flat batch on the host, padded with decode rows up to a captured CUDA graph's size."""
@@ -263,23 +233,26 @@ class ModelRunner:
             input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
             slots = np.pad(slots, (0, extra), constant_values=-1)
         return StepPlan(query_lens, num_computed, tables, input_ids.astype(np.int64), positions, slots, pad_to,
-                        sample_rows, prompt_spans)
+                        batch.continuation, sample_rows, prompt_spans)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> StepLogits:
         """The model over a planned step, and the logits of the rows it samples and of the prompt tokens asked for:
         what every tensor-parallel rank runs, in the same order (its collectives must meet)."""
-        if self.uploads is not None:
-            self.uploads.next_step()
+        if self.uploads is not None:  # on rank 0, waiting in a way that notices a rank that died
+            self.uploads.next_step(self.workers.wait_for if self.workers is not None else None)
         layout = BatchLayout(plan.query_lens, plan.num_computed, plan.block_tables, None, self.config.block_size,
                              self.device, self.uploads)
         tokens = len(plan.input_ids)
         device = layout.to_device(np.concatenate([plan.input_ids, plan.positions, plan.slots]))
         layout.slot_mapping = device[2 * tokens:]
         ids, positions = device[:tokens], device[tokens:2 * tokens]
-        if input_ids is not None:  # a continuation: the previous step's sampled tokens, still on the device
-            previous, rows = input_ids
-            ids[:len(plan.sample_rows)].copy_(previous if rows is None else previous[layout.to_device(np.array(rows))])
+        if plan.continuation:  # the previous step's sampled tokens, still on rank 0's device
+            continued = ids[:len(plan.sample_rows)]
+            if input_ids is not None:
+                previous, rows = input_ids
+                continued.copy_(previous if rows is None else previous[layout.to_device(np.array(rows))])
+            broadcast_from_first_rank(continued)  # the other tensor-parallel ranks' copy, queued on the device
         if plan.graph_size is not None:
             hidden = self.graphs.run(layout, ids, positions)
         else:
@@ -340,5 +313,7 @@ class ModelRunner:
         """Wait for a launched step's samples and bring them to the host."""
         if launched.logits is not None:  # a pipelined microbatch: its logits arrive now
             self.sample(launched)
+        if self.workers is not None and launched.sampler_output is not None:
+            self.workers.wait_for(launched.sampler_output.ready)
         output = launched.sampler_output.to_host() if launched.sampler_output is not None else None
         return StepResult(launched.sampled, output, launched.prompt_logprobs)

@@ -16,7 +16,7 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None
     sampled_ranks: list[int] | torch.Tensor | None  # rank of each sampled token (1 = most likely)
     token_ids_host: list[int] | torch.Tensor | None = None
-    ready: torch.cuda.Event | None = None  # recorded after the copies to the host were queued
+    ready: torch.Event | None = None  # on an accelerator: recorded after the copies to the host were queued
 
     def start_host_copy(self) -> None:
         """Queue the copies to (pinned) host memory now, so that reading them later waits for this step only."""
@@ -24,8 +24,8 @@ class SamplerOutput:
         self.token_ids_host, self.logprobs = to_host(self.token_ids), to_host(self.logprobs)
         self.top_ids, self.top_logprobs = to_host(self.top_ids), to_host(self.top_logprobs)
         self.sampled_ranks = to_host(self.sampled_ranks)
-        if self.token_ids.is_cuda:
-            self.ready = torch.cuda.Event()
+        if self.token_ids.device.type != "cpu":
+            self.ready = torch.Event(self.token_ids.device)
             self.ready.record()
 
     def to_host(self) -> "SamplerOutput":
@@ -34,6 +34,13 @@ class SamplerOutput:
         ranks = self.sampled_ranks.tolist() if self.sampled_ranks is not None else None
         return SamplerOutput(self.token_ids, self.logprobs.tolist(), self.top_ids, self.top_logprobs, ranks,
                              self.token_ids_host.tolist())
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of `values` on the device, copied from pinned memory: a copy from pageable memory would wait for all
+    the work queued before it (the model's step, which may still wait for another rank)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type != "cpu")
+    return host.to(device, non_blocking=True)
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
@@ -50,7 +57,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     keep_to_grammars(logits, requests)
     token_ids = logits.argmax(dim=-1)
     if not all(p.greedy for p in params):
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        greedy = to_device([p.greedy for p in params], device=logits.device)
         token_ids = torch.where(greedy, token_ids, sample_random(logits, requests))
     sampled_logprobs = raw_chosen_logits.gather(1, token_ids[:, None]).squeeze(1) - log_total
     want = max((p.logprobs or 0) for p in params)
@@ -72,10 +79,10 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
     for i, r in enumerate(requests):  # only when penalties are asked for: one scatter per request
         if r.num_output_tokens:
-            output_counts[i].index_add_(0, torch.tensor(r.output_token_ids, device=device),
+            output_counts[i].index_add_(0, to_device(r.output_token_ids, device=device),
                                         torch.ones(r.num_output_tokens, device=device))
-        seen[i, torch.tensor(r.token_ids, device=device)] = True
-    column = lambda name: torch.tensor([getattr(r.params, name) for r in requests], device=device)[:, None]
+        seen[i, to_device(r.token_ids, device=device)] = True
+    column = lambda name: to_device([getattr(r.params, name) for r in requests], device=device)[:, None]
     repetition = column("repetition_penalty")
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, penalised, logits)
@@ -91,8 +98,8 @@ def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
         return logits
     rows, tokens, biases = zip(*biased)
     device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-    return logits.index_put(index, torch.tensor(biases, device=device, dtype=logits.dtype), accumulate=True)
+    index = (to_device(rows, device=device), to_device(tokens, device=device))
+    return logits.index_put(index, to_device(biases, device=device, dtype=logits.dtype), accumulate=True)
 
 
 def keep_only_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -104,7 +111,7 @@ def keep_only_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
     tokens = [t for i in restricted for t in requests[i].params.allowed_token_ids]
     blocked = torch.zeros_like(logits, dtype=torch.bool)
     blocked[restricted] = True
-    blocked[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = False
+    blocked[to_device(rows, device=logits.device), to_device(tokens, device=logits.device)] = False
     logits.masked_fill_(blocked, float("-inf"))
 
 
@@ -117,7 +124,7 @@ def ban_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
         tokens += banned
     if rows:
         device = logits.device
-        logits[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)] = float("-inf")
+        logits[to_device(rows, device=device), to_device(tokens, device=device)] = float("-inf")
 
 
 def keep_to_grammars(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -146,7 +153,7 @@ def bad_word_endings(request: Request) -> set[int]:
 
 def sample_random(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     device = logits.device
-    column = lambda values: torch.tensor(values, device=device, dtype=torch.float32)[:, None]
+    column = lambda values: to_device(values, device=device, dtype=torch.float32)[:, None]
     temperature = column([r.params.temperature or 1.0 for r in requests])
     logits = logits / temperature
     top_k = [r.params.top_k for r in requests]

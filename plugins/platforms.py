@@ -1,6 +1,7 @@
-"""The built-in platforms: CPU, CUDA and ROCm."""
+"""The built-in platforms: the CPU here, CUDA and ROCm in cuda.py (imported only where they are asked about)."""
 import math
 import mmap
+import os
 
 import torch
 
@@ -23,8 +24,14 @@ class CpuPlatform(Platform):
         return torch.float32
 
     @classmethod
-    def kv_cache_bytes(cls, config) -> int:
+    def kv_cache_bytes(cls, config, profile_step) -> int:
         return config.kv_cache_memory_bytes or cls.default_kv_cache_bytes
+
+    @classmethod
+    def bind_rank(cls, local_index: int, ranks_here: int) -> torch.device:
+        # ranks on one machine share its cores: each takes its part (oversubscribed ranks slow every collective)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+        return cls.device()
 
     @classmethod
     def prepare_model(cls, model: torch.nn.Module) -> None:
@@ -39,38 +46,7 @@ class CpuPlatform(Platform):
         return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-class CudaPlatform(Platform):
-    name = "cuda"
-    device_type = "cuda"
-    # By measurement (docs/benchmarks.md, H200): TRITON_ATTN is within 4% of FLASHINFER end to end and compiles in
-    # seconds, FLASHINFER for minutes on a new machine; FLASH_ATTN (FA4 on Hopper, no split-KV) decodes at 0.8x.
-    attention_backends = ("TRITON_ATTN", "FLASHINFER", "FLASH_ATTN", "TORCH_SDPA")
-    max_num_batched_tokens = 8192  # prefill chunks large enough to keep a GPU's matmuls busy
-
-    @classmethod
-    def is_current(cls) -> bool:
-        return torch.version.hip is None and torch.cuda.is_available()
-
-    @classmethod
-    def kv_cache_bytes(cls, config) -> int:
-        """What gpu_memory_utilization leaves after the weights and the peak of the profiling step (torch's
-        statistics) and the memory torch does not manage (the CUDA context, other processes)."""
-        if config.kv_cache_memory_bytes:
-            return config.kv_cache_memory_bytes
-        free, total = torch.cuda.mem_get_info()
-        not_torch = total - free - torch.cuda.memory_reserved()
-        return int(total * config.gpu_memory_utilization) - torch.cuda.max_memory_allocated() - not_torch
-
-
-class RocmPlatform(CudaPlatform):
-    name = "rocm"
-    attention_backends = ("ROCM_ATTN", "TRITON_ATTN", "TORCH_SDPA")
-
-    @classmethod
-    def is_current(cls) -> bool:
-        return torch.version.hip is not None and torch.cuda.is_available()
-
-
 @hookimpl
 def llmserve_platforms():
-    return {p.name: f"{__name__}:{p.__name__}" for p in (CpuPlatform, CudaPlatform, RocmPlatform)}
+    return {"cpu": f"{__name__}:CpuPlatform", "cuda": "llmserve.plugins.cuda:CudaPlatform",
+            "rocm": "llmserve.plugins.cuda:RocmPlatform"}

@@ -2,6 +2,8 @@
 import logging
 import os
 
+import torch
+
 from llmserve.interfaces import AttentionBackend, AttentionSpec, Platform
 from llmserve.plugins.manager import registry
 
@@ -9,19 +11,23 @@ logger = logging.getLogger(__name__)
 BUILTIN_PLATFORMS = ("rocm", "cuda", "cpu")  # detection order
 
 
-def current_platform() -> type[Platform]:
+def current_platform(device: str | None = None) -> type[Platform]:
+    """The platform that claims this machine; with `device` (EngineConfig.device) of another type, the one that
+    runs that type (e.g. the CPU on a GPU machine)."""
     platforms = registry().of("platform")
     claims = [r for name, r in platforms.items() if name not in BUILTIN_PLATFORMS and r.load().is_current()]
     if len(claims) > 1:
         raise RuntimeError("more than one platform plugin claims this machine: "
                            + ", ".join(f"{r.name} ({r.distribution})" for r in claims))
-    if claims:
-        return claims[0].load()
-    for name in BUILTIN_PLATFORMS:
-        cls = platforms[name].load()
-        if cls.is_current():
-            return cls
-    raise RuntimeError("no platform found")
+    detected = claims[0].load() if claims else next(c for c in (platforms[n].load() for n in BUILTIN_PLATFORMS)
+                                                    if c.is_current())
+    device_type = torch.device(device).type if device is not None else detected.device_type
+    if detected.device_type == device_type:
+        return detected
+    for registration in platforms.values():
+        if registration.load().device_type == device_type:
+            return registration.load()
+    raise ValueError(f"device {device!r}: no registered platform runs {device_type!r} devices")
 
 
 def select_attention_backend(requested: str | None, spec: AttentionSpec,

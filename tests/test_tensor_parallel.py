@@ -84,6 +84,18 @@ def test_a_stage_holds_only_its_layers(checkpoints):
     llm.engine.shutdown()
 
 
+def test_async_scheduling_across_ranks_equals_tp1(checkpoints):
+    """A continuation step's tokens are rank 0's samples, still on its device: one broadcast gives the other ranks
+    theirs (on GPUs async scheduling is on by default; here it is asked for)."""
+    folder = checkpoints["LlamaForCausalLM"]
+    llm = LLM(model=folder, dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20,
+              tensor_parallel_size=2, async_scheduling=True)
+    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert llm.engine.stats["async_steps"] > 0
+    llm.engine.shutdown()
+    assert_same(outputs, run(folder))
+
+
 def test_embedded_model_in_two_stages_equals_one():
     assert_same(run(None, pipeline_parallel_size=2), run(None))
 
