@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import httpx
 
@@ -39,6 +40,22 @@ class ServerProcess:
         self.log.flush()
         with open(self.log.name, encoding="utf-8") as f:
             return f.read()
+
+    def children(self) -> list[int]:
+        """Pids of the processes the server started (its tensor-parallel workers)."""
+        return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/stat")
+                and open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[-1].split()[1] == str(self.process.pid)]
+
+    def health_until_exit(self, seconds: float) -> list[int]:
+        """/health's status codes, polled until the server exits (or `seconds` pass)."""
+        statuses, deadline = [], time.monotonic() + seconds
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.append(httpx.get(f"{self.url}/health", timeout=5).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return statuses
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -149,10 +149,8 @@ def test_a_rank_that_dies_is_named_and_nothing_hangs(checkpoints):
 def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
     """`llm serve -tp 3`: the official client gets TP=1's greedy text; when a rank is killed, /health turns 503
     without any request, the engine stops and the server exits 1 (for a supervisor to restart it)."""
-    import time
     from pathlib import Path
 
-    import httpx
     import openai
     from server_utils import ServerProcess
 
@@ -164,18 +162,10 @@ def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
         model = client.models.list().data[0].id
         reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
         assert reply.choices[0].text == expected
-        children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/stat")
-                    and Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()[1] == str(server.process.pid)]
+        children = server.children()
         assert len(children) == 2, server.output()
         os.kill(children[0], signal.SIGKILL)
-        statuses = []
-        deadline = time.monotonic() + 30
-        while server.process.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        statuses = server.health_until_exit(30)
         assert server.process.wait(timeout=30) == 1, server.output()
         assert 503 in statuses and re.search("tensor-parallel rank [12] .* exited with code -9", server.output())
         for pid in children:  # the other rank went with it

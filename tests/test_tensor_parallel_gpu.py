@@ -96,7 +96,6 @@ def test_a_rank_killed_mid_run_is_named_and_nothing_hangs(llama):
 
 
 def test_server_at_tp2_answers_and_exits_non_zero_when_a_rank_dies(llama):
-    import httpx
     import openai
     from server_utils import ServerProcess
 
@@ -105,16 +104,8 @@ def test_server_at_tp2_answers_and_exits_non_zero_when_a_rank_dies(llama):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         reply = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPTS[0], max_tokens=8)
         assert reply.usage.completion_tokens == 8
-        worker = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/stat")
-                      and open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[-1].split()[1] == str(server.process.pid))
-        os.kill(worker, signal.SIGKILL)
-        statuses, deadline = [], time.monotonic() + 60
-        while server.process.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        os.kill(server.children()[0], signal.SIGKILL)
+        statuses = server.health_until_exit(60)
         assert server.process.wait(timeout=60) == 1, server.output()
         assert 503 in statuses and re.search(r"tensor-parallel rank 1 .* exited with code -9", server.output())
     finally:
