@@ -87,10 +87,6 @@ class RequestStream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, RequestOutput | BaseException]] = asyncio.Queue()
 
-    def put(self, request_id: str, item: RequestOutput | BaseException) -> None:  # from the engine thread
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (request_id, item))
-
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self.pending:
             items = [await self.queue.get()]
@@ -192,8 +188,7 @@ class AsyncEngine:
                     logger.exception("engine step failed; aborting the %d requests in flight", len(self.streams))
                     self.fail_all(EngineFault(f"the engine failed: {type(e).__name__}: {e}"))
                     continue
-                for output in outputs:
-                    self.publish(output.request_id, output)
+                self.publish([(output.request_id, output) for output in outputs])
         except BaseException as e:
             logger.exception("the engine thread died")
             self.error = e
@@ -211,16 +206,29 @@ class AsyncEngine:
             try:
                 self.engine.add_request(command.request_id, command.prompt, command.params, command.token_ids)
             except ValueError as e:
-                self.publish(command.request_id, e)
+                self.publish([(command.request_id, e)])
 
-    def publish(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self.streams.get(request_id)
-        if stream is not None:
-            stream.put(request_id, item)
-        if isinstance(item, BaseException) or item.finished:
-            self.streams.pop(request_id, None)
+    def publish(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Outputs (or errors) to their requests' streams: one wake-up of the event loop per step, not one per
+        request (each wake-up is a write to the loop's pipe and a turn of the loop)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, (request_id, item)))
+            if isinstance(item, BaseException) or item.finished:
+                self.streams.pop(request_id, None)
+        for loop, deliveries in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deliver, deliveries)
 
     def fail_all(self, error: BaseException) -> None:
         for request_id in list(self.streams):
             self.engine.abort(request_id)
-            self.publish(request_id, error)
+            self.publish([(request_id, error)])
+
+
+def deliver(deliveries: list[tuple[asyncio.Queue, tuple]]) -> None:
+    """On the event loop: each (queue, item) of a step into its stream's queue."""
+    for stream_queue, item in deliveries:
+        stream_queue.put_nowait(item)
