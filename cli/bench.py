@@ -110,6 +110,57 @@ async def run_load(base_url: str, api_key: str, model: str | None, prompts: list
     return model, results, duration
 
 
+@dataclass
+class ClientShare:
+    """One load-generating process's part of the load, and (after) what it measured."""
+
+    base_url: str
+    api_key: str
+    model: str | None
+    prompts: list
+    output_len: int
+    concurrency: int | None
+    request_rate: float
+    seed: int
+    structured_outputs: dict | None
+    start_at: float  # wall clock: every client starts then, its imports done
+
+
+def run_share(share: ClientShare) -> tuple[str, list[RequestResult], float, float, float]:
+    """(model, results, start, end, CPU seconds) of one client's share: the CPU time says whether the client itself
+    could have been the limit (near one core's worth of the duration, it was)."""
+    time.sleep(max(0.0, share.start_at - time.time()))
+    cpu, start = time.process_time(), time.time()
+    model, results, _ = asyncio.run(run_load(share.base_url, share.api_key, share.model, share.prompts,
+                                             share.output_len, share.concurrency, share.request_rate, share.seed,
+                                             share.structured_outputs))
+    return model, results, start, time.time(), time.process_time() - cpu
+
+
+def run_clients(clients: int, base_url: str, api_key: str, model: str | None, prompts: list, output_len: int,
+                concurrency: int | None, request_rate: float, seed: int,
+                structured_outputs: dict | None) -> tuple[str, list[RequestResult], float, list[float]]:
+    """The load from `clients` processes, each with every clients-th prompt, its share of the concurrency and of
+    the rate (N Poisson streams of rate r/N make one of rate r): (model, results, duration, each client's share of
+    one core)."""
+    clients = max(1, min(clients, len(prompts), concurrency or len(prompts)))
+    shares = [ClientShare(base_url, api_key, model, prompts[i::clients], output_len,
+                          concurrency // clients + (i < concurrency % clients) if concurrency else None,
+                          request_rate / clients, seed + i, structured_outputs, time.time() + (5 if clients > 1 else 0))
+              for i in range(clients)]
+    if clients == 1:
+        done = [run_share(shares[0])]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_share, shares))
+    duration = max(end for _, _, _, end, _ in done) - min(start for _, _, start, _, _ in done)
+    results = [r for _, share_results, _, _, _ in done for r in share_results]
+    return done[0][0], results, duration, [cpu / duration for *_, cpu in done]
+
+
 def summarize(results: list[RequestResult], duration: float) -> dict:
     done = [r for r in results if r.ok]
     output = sum(r.output_tokens for r in done)
@@ -141,6 +192,9 @@ def bench_serve(
                                                         "instead of random token ids.")] = None,
     vocab_size: Annotated[int, typer.Option(help="Random prompt token ids are drawn below this.")] = 32000,
     concurrency: Annotated[Optional[int], typer.Option(help="Most requests in flight (default: no limit).")] = None,
+    clients: Annotated[int, typer.Option(help="Load-generating processes sharing the requests, the concurrency and "
+                                              "the rate (more when one client nears a core: see its CPU share).")]
+    = 1,
     request_rate: Annotated[float, typer.Option(help="Poisson arrival rate in requests/s (inf: all at once).")]
     = float("inf"),
     seed: Annotated[int, typer.Option(help="Seed for prompts and arrivals.")] = 0,
@@ -158,11 +212,11 @@ def bench_serve(
         raise typer.Exit(1) from None
     prompts = load_prompts(dataset, num_prompts, input_len, vocab_size, random.Random(seed))
     constraint = read_json_option(structured_outputs)
-    model, results, duration = asyncio.run(run_load(base_url, api_key, model, prompts, output_len, concurrency,
-                                                    request_rate, seed, constraint))
+    model, results, duration, cpu_shares = run_clients(clients, base_url, api_key, model, prompts, output_len,
+                                                       concurrency, request_rate, seed, constraint)
     summary = {"model": model, "base_url": base_url, "num_prompts": num_prompts, "input_len": input_len,
                "output_len": output_len, "concurrency": concurrency, "request_rate": request_rate,
-               **summarize(results, duration)}
+               "clients": len(cpu_shares), "client_cpu_max": max(cpu_shares), **summarize(results, duration)}
     if result_file:
         with open(result_file, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -185,6 +239,8 @@ def print_table(summary: dict) -> None:
                                                              summary["request_throughput"], ".2f"),
             ("Output token throughput (tok/s)", summary["output_throughput"], ".1f"),
             ("Total token throughput (tok/s)", summary["total_token_throughput"], ".1f")]
+    if "client_cpu_max" in summary:
+        rows.append((f"Busiest of {summary['clients']} clients (cores)", summary["client_cpu_max"], ".2f"))
     for name in ("ttft", "tpot", "itl"):
         rows += [(f"{kind.capitalize()} {name.upper()} (ms)", summary[f"{kind}_{name}_ms"], ".1f")
                  for kind in ("mean", "p50", "p99")]

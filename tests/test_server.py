@@ -234,15 +234,19 @@ def test_tokenize_detokenize_version_metrics(server, llm):
     assert json.loads(json.dumps(tokens))  # plain JSON
 
 
-def test_bench_serve(server, tmp_path):
+@pytest.mark.parametrize("clients", [1, 2])
+def test_bench_serve(server, tmp_path, clients):
+    """One client process, or two sharing the requests and the concurrency; each reports its CPU share."""
     result_file = tmp_path / "bench.json"
     done = run_cli("bench", "serve", "--base-url", f"{server.url}/v1", "--api-key", API_KEY, "--num-prompts", "8",
-                   "--input-len", "16", "--output-len", "8", "--concurrency", "4", "--result-file", str(result_file))
+                   "--input-len", "16", "--output-len", "8", "--concurrency", "4", "--clients", str(clients),
+                   "--result-file", str(result_file))
     assert done.returncode == 0, done.stderr
     assert "Output token throughput" in done.stdout and "P99 TTFT" in done.stdout
     results = json.loads(result_file.read_text())
     assert (results["completed"], results["failed"], results["total_output_tokens"]) == (8, 0, 64)
     assert results["mean_ttft_ms"] > 0 and results["mean_tpot_ms"] > 0
+    assert results["clients"] == clients and 0 < results["client_cpu_max"] < 2
 
 
 def test_chat_against_server(server):
