@@ -41,15 +41,21 @@ def parse_lengths(text: str, option: str) -> tuple[int, int]:
 def make_workload(engine: LLMEngine, num_prompts: int, input_len: str, output_len: str, dataset: str | None,
                   seed: int) -> Workload:
     """Random token-id prompts (or a file's prompts, tokenized) and output lengths, the same for every seed."""
-    rng = random.Random(seed)
-    out_low, out_high = parse_lengths(output_len, "--output-len")
-    output_lens = [rng.randint(out_low, out_high) for _ in range(num_prompts)]
     if dataset:
         from llmserve.cli.bench import read_prompt_file  # here: cli.bench and this module load through cli.main
 
+        output_lens = random_workload(1, num_prompts, "1", output_len, seed).output_lens
         return Workload([engine.tokenize(text) for text in read_prompt_file(dataset, num_prompts)], output_lens)
+    return random_workload(engine.vocab_size, num_prompts, input_len, output_len, seed)
+
+
+def random_workload(vocab: int, num_prompts: int, input_len: str, output_len: str, seed: int) -> Workload:
+    """Random token ids below `vocab` and output lengths, as LOW:HIGH ranges; a peer engine's benchmark calls it too,
+    for the same workload."""
+    rng = random.Random(seed)
+    out_low, out_high = parse_lengths(output_len, "--output-len")
+    output_lens = [rng.randint(out_low, out_high) for _ in range(num_prompts)]
     in_low, in_high = parse_lengths(input_len, "--input-len")
-    vocab = engine.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(in_low, in_high))] for _ in range(num_prompts)]
     return Workload(prompts, output_lens)
 

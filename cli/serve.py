@@ -101,7 +101,10 @@ def serve(
                f"{', API key required' if keys else ''}")
     config = uvicorn.Config(create_app(engine, names, keys, limits, cors, root_path, parsing), host=host, port=port,
                             log_level=logging.getLogger().level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
-                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)
+                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path,
+                            # httptools parses HTTP in C where installed; asyncio's loop, not uvloop, which aborts the
+                            # process when a socket lands on fd 0 (a supervisor that closed stdin)
+                            loop="asyncio")
     try:
         GracefulServer(config, engine).run()
     finally:
