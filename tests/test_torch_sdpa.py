@@ -14,3 +14,10 @@ MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9)]  # (cached tokens
 def test_matches_reference(window, softcap, scale, heads, kv_heads, head_dim):
     check_backend(TorchSdpaBackend, torch.float32, heads, kv_heads, head_dim, 16, MIXED, window, "cpu",
                   softcap=softcap, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 128)])
+def test_half_precision_on_the_cpu_matches_reference(dtype, heads, kv_heads, head_dim):
+    """Decode rows (computed in fp32 on the CPU) and prefill chunks, in bf16 and fp16."""
+    check_backend(TorchSdpaBackend, dtype, heads, kv_heads, head_dim, 16, MIXED, None, "cpu")

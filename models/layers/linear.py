@@ -20,20 +20,28 @@ class Linear(nn.Linear):
     packed_weight = None
 
     def pack_for_cpu(self) -> None:
-        """Pack the weight into oneDNN's blocked fp32 layout: up to 2x faster than MKL at decode batch sizes.
+        """Pack the weight once into oneDNN's blocked layout: up to 2x faster than the unpacked GEMM at decode batch
+        sizes.
 
-        Half-precision weights are packed as fp32 on CPUs without bf16/fp16 matmul instructions: the
-        products of half-precision values are exact in fp32 and the sums accumulate in fp32, as a native
-        bf16 GEMM does, while torch's fallback kernel for those CPUs is several times slower.
+        bf16 weights stay bf16 where the CPU multiplies bf16 (avx512_bf16): 1.4 to 1.9x faster than the fp32 packed
+        GEMM and than torch's bf16 F.linear up to 64 rows, level at 512 (docs/benchmarks.md, issue 15). On CPUs
+        without it, half-precision weights are packed as fp32: the products of half-precision values are exact in
+        fp32 and the sums accumulate in fp32, as a native bf16 GEMM does, while torch's fallback kernel for those
+        CPUs is several times slower.
         """
-        if self.weight.dtype == torch.float32 or not cpu_has_fast_half_matmul():
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), None)
+        weight = self.weight.detach()
+        if weight.dtype == torch.bfloat16 and cpu_has_fast_half_matmul():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        elif weight.dtype == torch.float32 or not cpu_has_fast_half_matmul():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.float(), None)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is None:
             return F.linear(x, self.weight, bias)
-        bias = None if bias is None else bias.float()
-        return torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight, bias, "none", [], "").to(x.dtype)
+        dtype = self.packed_weight.dtype
+        bias = None if bias is None else bias.to(dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.packed_weight, bias, "none", [], "")
+        return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
