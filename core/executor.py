@@ -139,7 +139,7 @@ class ProcessWorkers(Workers):
 
 
 def release_graphs(graphs: list, platform) -> None:
-    """Rank 0's captured graphs go before its process group: NCCL does not tear down a communicator that a graph
+    """A rank's captured graphs go before its process group: NCCL does not tear down a communicator that a graph
     still holds (it waits for ever)."""
     for g in graphs:
         g.release()
@@ -279,8 +279,6 @@ def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, mo
         runner.prepare_decode(resolve_max_model_len(config, hf_config, runner.num_blocks))
         while (plan := distributed.recv_object(0)) is not None:
             runner.execute(plan)
-        if runner.graphs is not None:
-            runner.graphs.release()
-            platform.synchronize(device)
+        release_graphs([runner.graphs] if runner.graphs is not None else [], platform)
     finally:
         distributed.shutdown()
