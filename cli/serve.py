@@ -1,5 +1,6 @@
 """`llm serve`: the OpenAI-compatible server on one engine."""
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -66,6 +67,9 @@ def serve(
     allow_unknown_fields: Annotated[bool, server_option(
         "Drop request fields the server does not know, with a warning in the log, as vLLM does (default: refuse "
         "them with a 400 naming the field).")] = False,
+    engine_in_process: Annotated[bool, server_option(
+        "Step the engine in a thread of the server's process instead of a process of its own (one core for both: "
+        "slower under load; for debugging).")] = False,
     *, engine_args: dict,
 ) -> None:
     """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), plus /health,
@@ -87,7 +91,7 @@ def serve(
         parsing = ChatParsing(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--tool-call-parser / --reasoning-parser") from None
-    engine = build_engine(AsyncEngine, model, engine_args)
+    engine = build_engine(functools.partial(AsyncEngine, in_process=engine_in_process), model, engine_args)
     names = served_model_name or [model or DEFAULT_MODEL]
     info = engine.info
     limits = RequestLimits(max_n, max_prompts_per_request, max_stop_strings, max_stop_string_chars,
@@ -110,7 +114,7 @@ def serve(
     finally:
         engine.shutdown()
     if engine.error is not None:  # the engine died (a tensor-parallel rank, say): a supervisor should restart us
-        typer.echo(f"llmserve stopped: the engine died ({type(engine.error).__name__}: {engine.error})", err=True)
+        typer.echo(f"llmserve stopped: the engine died ({engine.error})", err=True)
         raise typer.Exit(1)
     typer.echo("llmserve stopped")
 

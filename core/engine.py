@@ -13,7 +13,7 @@ from llmserve.config import EngineConfig
 from llmserve.errors import ParamError
 from llmserve.executor import start_workers
 from llmserve.kv_cache import KVCacheManager
-from llmserve.loader import find_model, load_generation_defaults, load_hf_config, load_tokenizer
+from llmserve.loader import find_model, load_engine_tokenizer, load_generation_defaults, load_hf_config
 from llmserve.model_runner import Launched, ModelRunner, StepResult
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from llmserve.plugins.select import current_platform
@@ -21,7 +21,7 @@ from llmserve.request import Request
 from llmserve.sampling_params import SamplingParams
 from llmserve.scheduler import ScheduledBatch, Scheduler
 from llmserve.structured_outputs import GrammarCompiler, accept_grammar_token, new_matcher
-from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template
+from llmserve.tokenizer import IncrementalDetokenizer, append_text_and_check_stop, load_chat_template, tokenize
 
 if TYPE_CHECKING:
     import xgrammar
@@ -67,8 +67,7 @@ class LLMEngine:
         self.config = config
         self.model_path = find_model(config.model)
         self.hf_config = load_hf_config(self.model_path)
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
-            find_model(config.tokenizer) if config.tokenizer else self.model_path)
+        self.tokenizer = load_engine_tokenizer(config, self.model_path)
         self.chat_template = load_chat_template(config.chat_template)
         self.sampling_defaults = load_generation_defaults(self.model_path, config.generation_config)
         if distributed.tp().world_size > 1:  # the layers read this process's one parallel state
@@ -109,12 +108,7 @@ class LLMEngine:
         return SamplingParams(**self.sampling_defaults)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ParamError("prompt", "prompt must be token ids: the engine runs without a tokenizer "
-                                           "(skip_tokenizer_init)")
-            return self.tokenizer.encode(prompt) if prompt else []
-        return list(prompt)
+        return tokenize(self.tokenizer, prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> None:
         if request_id is not None and request_id in self.groups:

@@ -7,3 +7,6 @@ class ParamError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+    def __reduce__(self):  # pickled whole across the pipe from the engine process
+        return ParamError, (self.field, str(self))

@@ -134,6 +134,13 @@ def load_generation_defaults(folder: str, source: str) -> dict:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def load_engine_tokenizer(config, model_path: str):
+    """The tokenizer of an engine of `config` on the model in `model_path` (None with skip_tokenizer_init)."""
+    if config.skip_tokenizer_init:
+        return None
+    return load_tokenizer(find_model(config.tokenizer) if config.tokenizer else model_path)
+
+
 def load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,16 @@ from llmserve.request import Request
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the output so its first word gets the right spacing
 
 
+def tokenize(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids: a text encoded, token ids as given."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ParamError("prompt", "prompt must be token ids: the engine runs without a tokenizer "
+                                       "(skip_tokenizer_init)")
+        return tokenizer.encode(prompt) if prompt else []
+    return list(prompt)
+
+
 def load_chat_template(template: str | None) -> str | None:
     """A chat template given inline or as the path of a file holding it."""
     if template and os.path.isfile(template):

@@ -167,21 +167,18 @@ class Server:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_names}",
                            "model", "model_not_found")
 
-    def start(self, request_id: str, prompts: list, token_ids: list[list[int]], params: SamplingParams) -> RequestStream:
-        """The engine's id is the response's plus a suffix of its own: a client may reuse its X-Request-Id while an
+    async def start(self, request_id: str, prompts: list, token_ids: list[list[int]],
+                    params: SamplingParams) -> RequestStream:
+        """The call's requests, once the engine has accepted them (it compiles a grammar first, off its loop).
+        The engine's id is the response's plus a suffix of its own: a client may reuse its X-Request-Id while an
         earlier request of that id is still being torn down."""
-        return self.engine.add_requests(f"{request_id}-{uuid.uuid4().hex[:8]}", prompts, params, token_ids)
+        return await self.engine.add_requests(f"{request_id}-{uuid.uuid4().hex[:8]}", prompts, params, token_ids)
 
     def check(self, body: SamplingRequest, request_id: str, token_ids: list[list[int]], max_tokens: int | None,
               logprobs: int | None) -> None:
         body.check(self.limits, [len(t) for t in token_ids], max_tokens, logprobs, self.engine.info.max_model_len)
         if body.unknown_fields():
             logger.warning("request %s: dropped unknown fields %s", request_id, body.unknown_fields())
-
-    async def prepare(self, params: SamplingParams) -> None:
-        """Compile the request's grammar here, off the engine's thread (cached: the engine finds it ready)."""
-        if params.structured_outputs is not None:
-            await asyncio.to_thread(self.engine.compile_structured_outputs, params)
 
     def tool_plan(self, body: ChatRequest) -> tuple[list[dict] | None, ReplyParser | None,
                                                     StructuredOutputsParams | None]:
@@ -356,8 +353,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         server.check(body, request_id, token_ids, body.max_tokens, body.logprobs)
         prompt_logprobs = body.logprobs if body.echo else None
         params = body.to_sampling_params(info.sampling_defaults, body.max_tokens, body.logprobs, prompt_logprobs)
-        await server.prepare(params)
-        stream = server.start(request_id, prompts, token_ids, params)
+        stream = await server.start(request_id, prompts, token_ids, params)
         renderer = CompletionRenderer(request_id, server.model_name, info.tokenizer, token_ids, params, body.echo)
         return await server.respond(raw, body, stream, renderer)
 
@@ -376,8 +372,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_keys: list[str] 
         params = body.to_sampling_params(info.sampling_defaults, max_tokens, top_logprobs, structured_outputs=forced)
         if reply_parser and reply_parser.tools and reply_parser.tools.needs_special_tokens:
             params.skip_special_tokens = False  # the calls are marked by special tokens ([TOOL_CALLS])
-        await server.prepare(params)
-        stream = server.start(request_id, token_ids, token_ids, params)
+        stream = await server.start(request_id, token_ids, token_ids, params)
         renderer = ChatRenderer(request_id, server.model_name, info.tokenizer, token_ids, params, body.logprobs,
                                 reply_parser)
         return await server.respond(raw, body, stream, renderer)

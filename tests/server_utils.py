@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -41,10 +42,17 @@ class ServerProcess:
         with open(self.log.name, encoding="utf-8") as f:
             return f.read()
 
-    def children(self) -> list[int]:
-        """Pids of the processes the server started (its tensor-parallel workers)."""
+    def children(self, parent: int | None = None) -> list[int]:
+        """Pids of the processes `parent` (default: the server) started."""
+        parent = self.process.pid if parent is None else parent
         return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and os.path.exists(f"/proc/{pid}/stat")
-                and open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[-1].split()[1] == str(self.process.pid)]
+                and open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[-1].split()[1] == str(parent)]
+
+    def engine_process(self) -> int:
+        """The pid of the server's engine process (the child that runs llmserve's engine loop)."""
+        found = [pid for pid in self.children() if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(found) == 1, found
+        return found[0]
 
     def health_until_exit(self, seconds: float) -> list[int]:
         """/health's status codes, polled until the server exits (or `seconds` pass)."""

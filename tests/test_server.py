@@ -1,6 +1,7 @@
 """`llm serve` as a real subprocess, driven with the official openai client; results equal the offline API's."""
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -271,3 +272,20 @@ def test_shutdown_on_signal_with_a_request_in_flight(signal_name):
             pass
     assert process.process.wait(30) == 0, process.output()
     assert "llmserve stopped" in process.output()
+
+
+def test_a_dead_engine_process_turns_health_503_ends_the_streams_and_exits_non_zero():
+    """The engine steps in a process of its own: when it dies, a stream in flight ends with an error event instead of
+    hanging, /health answers 503 and the server exits 1 (for a supervisor to restart it)."""
+    process = ServerProcess()
+    engine = process.engine_process()
+    body = {"prompt": "Count to a thousand:", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{process.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        os.kill(engine, signal.SIGKILL)
+        events = [line for line in lines if line.startswith("data:")]
+    assert any('"engine_dead"' in event or "the engine has stopped" in event for event in events), events[-3:]
+    statuses = process.health_until_exit(30)
+    assert process.process.wait(timeout=30) == 1, process.output()
+    assert 503 in statuses and "the engine process exited" in process.output()

@@ -37,7 +37,8 @@ def model_without_template(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_without_template):
-    engine = AsyncEngine(EngineConfig(model=model_without_template, dtype="float32", kv_cache_memory_bytes=64 << 20))
+    engine = AsyncEngine(EngineConfig(model=model_without_template, dtype="float32", kv_cache_memory_bytes=64 << 20),
+                         in_process=True)  # the tests reach into the engine
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ["m"]), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -162,7 +162,7 @@ def test_server_at_tp3_answers_and_exits_non_zero_when_a_rank_dies():
         model = client.models.list().data[0].id
         reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
         assert reply.choices[0].text == expected
-        children = server.children()
+        children = server.children(server.engine_process())  # the ranks, started by the engine's process
         assert len(children) == 2, server.output()
         os.kill(children[0], signal.SIGKILL)
         statuses = server.health_until_exit(30)
