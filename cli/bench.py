@@ -22,6 +22,7 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks after the first
+    sent_at: float = 0.0  # wall clock
 
 
 def load_prompts(dataset: str | None, num_prompts: int, input_len: int, vocab_size: int, rng: random.Random) -> list:
@@ -62,7 +63,7 @@ def wait_for_server(url: str, timeout: float, process: subprocess.Popen | None =
 
 
 async def send(client, model: str, prompt, output_len: int, structured_outputs: dict | None = None) -> RequestResult:
-    result, start = RequestResult(), time.perf_counter()
+    result, start = RequestResult(sent_at=time.time()), time.perf_counter()
     last = start
     extra = {"ignore_eos": True} | ({"structured_outputs": structured_outputs} if structured_outputs else {})
     try:
@@ -87,11 +88,13 @@ async def send(client, model: str, prompt, output_len: int, structured_outputs: 
 
 async def run_load(base_url: str, api_key: str, model: str | None, prompts: list, output_len: int,
                    concurrency: int | None, request_rate: float, seed: int,
-                   structured_outputs: dict | None = None) -> tuple[str, list[RequestResult], float]:
+                   structured_outputs: dict | None = None, start_at: float = 0.0) -> tuple[str, list[RequestResult]]:
+    """Send the prompts (from `start_at`, wall clock, once the client is ready: imported, the model looked up)."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600)
     model = model or (await client.models.list()).data[0].id
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     limit = asyncio.Semaphore(concurrency or len(prompts))
     gaps = np.random.default_rng(seed).exponential(1 / request_rate, len(prompts)) if request_rate != float("inf") \
         else np.zeros(len(prompts))
@@ -100,14 +103,13 @@ async def run_load(base_url: str, api_key: str, model: str | None, prompts: list
         async with limit:
             return await send(client, model, prompt, output_len, structured_outputs)
 
-    start, tasks = time.perf_counter(), []
+    tasks = []
     for prompt, gap in zip(prompts, gaps):
         tasks.append(asyncio.create_task(limited(prompt)))
         await asyncio.sleep(gap)
     results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - start
     await client.close()
-    return model, results, duration
+    return model, results
 
 
 @dataclass
@@ -126,15 +128,14 @@ class ClientShare:
     start_at: float  # wall clock: every client starts then, its imports done
 
 
-def run_share(share: ClientShare) -> tuple[str, list[RequestResult], float, float, float]:
-    """(model, results, start, end, CPU seconds) of one client's share: the CPU time says whether the client itself
-    could have been the limit (near one core's worth of the duration, it was)."""
-    time.sleep(max(0.0, share.start_at - time.time()))
-    cpu, start = time.process_time(), time.time()
-    model, results, _ = asyncio.run(run_load(share.base_url, share.api_key, share.model, share.prompts,
-                                             share.output_len, share.concurrency, share.request_rate, share.seed,
-                                             share.structured_outputs))
-    return model, results, start, time.time(), time.process_time() - cpu
+def run_share(share: ClientShare) -> tuple[str, list[RequestResult], float]:
+    """(model, results, CPU seconds) of one client's share: the CPU time says whether the client itself could have
+    been the limit (near one core's worth of the duration, it was)."""
+    cpu = time.process_time()
+    model, results = asyncio.run(run_load(share.base_url, share.api_key, share.model, share.prompts,
+                                          share.output_len, share.concurrency, share.request_rate, share.seed,
+                                          share.structured_outputs, share.start_at))
+    return model, results, time.process_time() - cpu
 
 
 def run_clients(clients: int, base_url: str, api_key: str, model: str | None, prompts: list, output_len: int,
@@ -156,9 +157,14 @@ def run_clients(clients: int, base_url: str, api_key: str, model: str | None, pr
 
         with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = list(pool.map(run_share, shares))
-    duration = max(end for _, _, _, end, _ in done) - min(start for _, _, start, _, _ in done)
-    results = [r for _, share_results, _, _, _ in done for r in share_results]
+    results = [r for _, share_results, _ in done for r in share_results]
+    duration = load_duration(results)
     return done[0][0], results, duration, [cpu / duration for *_, cpu in done]
+
+
+def load_duration(results: list[RequestResult]) -> float:
+    """From the first request sent to the last one done: the clients' start-up is not the server's time."""
+    return max(r.sent_at + r.latency for r in results) - min(r.sent_at for r in results)
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
@@ -217,9 +223,12 @@ def bench_serve(
     summary = {"model": model, "base_url": base_url, "num_prompts": num_prompts, "input_len": input_len,
                "output_len": output_len, "concurrency": concurrency, "request_rate": request_rate,
                "clients": len(cpu_shares), "client_cpu_max": max(cpu_shares), **summarize(results, duration)}
-    if result_file:
+    if result_file:  # with each request's times, from the first request sent
+        first = min(r.sent_at for r in results)
+        requests = [{"sent_s": r.sent_at - first, "ttft_s": r.ttft, "latency_s": r.latency,
+                     "output_tokens": r.output_tokens, "ok": r.ok} for r in results]
         with open(result_file, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary | {"requests": requests}, f, indent=2)
     print_table(summary)
 
 
