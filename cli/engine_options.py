@@ -33,7 +33,10 @@ HELP = {
     "skip_tokenizer_init": "Run without a tokenizer: token-id prompts only, outputs without text.",
     "kv_cache_memory_bytes": "Bytes for the KV cache (default: 4 GiB on the CPU, the free GPU memory on a GPU).",
     "gpu_memory_utilization": "Fraction of GPU memory the engine may use.",
-    "enforce_eager": "Run every step eagerly (no CUDA graphs for decode).",
+    "enforce_eager": "Run every step eagerly (no CUDA graphs).",
+    "max_graph_prefill_tokens": "Steps with prompt tokens, up to this many tokens, run in CUDA graph pieces (attention "
+                                "runs eagerly between them); 0: CUDA graphs for decode steps only. Experimental: not "
+                                "yet run on a GPU.",
     "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
     "distributed_executor_backend": "How tensor-parallel ranks run: mp (processes on this machine) or ray (Ray "
@@ -71,7 +74,7 @@ ENGINE_PARAMETERS = [
     option("max_num_seqs", int), option("max_num_batched_tokens", Optional[int]), option("block_size", int),
     option("enable_prefix_caching", bool), option("load_format", str), option("seed", int),
     option("chat_template", Optional[str]), option("generation_config", str), option("tokenizer", Optional[str]),
-    option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("async_scheduling", Optional[bool]),
+    option("skip_tokenizer_init", bool), option("enforce_eager", bool), option("max_graph_prefill_tokens", int), option("async_scheduling", Optional[bool]),
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
     option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
     option("pipeline_parallel_size", int, aliases=("-pp",)), option("distributed_executor_backend", Optional[str]),

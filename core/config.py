@@ -44,6 +44,9 @@ class EngineConfig:
     generation_config: str = "auto"  # "auto": the model's generation_config.json defaults; "vllm": ours; or a folder
     device: str | None = None  # None: the detected platform's device
     enforce_eager: bool = False  # True: no CUDA graphs
+    # steps with prompt tokens, up to this many tokens, run in CUDA graph pieces (attention eager between them);
+    # 0 (the default until it has run on a GPU: tests/test_gpu.py): decode steps only
+    max_graph_prefill_tokens: int = 0
     async_scheduling: bool | None = None  # launch decode step N+1 before reading step N's tokens; None: on GPUs
     max_logprobs: int = 20  # the most logprobs (and prompt logprobs) a request may ask for
     # vLLM's engine arguments that llmserve takes only with the values in SUPPORTED_ONLY (checked below)
@@ -70,6 +73,7 @@ class EngineConfig:
         check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"must be 'auto' or one of {sorted(DTYPES)}")
         check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_graph_prefill_tokens >= 0, "max_graph_prefill_tokens", "must be >= 0")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
               "must be >= 1")
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", "must be a power of two up to 256")

@@ -140,10 +140,16 @@ class AttentionLayer(Protocol):
 
 
 class DecodeGraphs(Protocol):
-    """A platform's captured graphs of decode steps, one per padded batch size (see plugins/cuda.py)."""
+    """A platform's captured graphs of decode steps, one per padded batch size, and of steps with prompt tokens in
+    pieces between the attention layers, one set per padded token count (see plugins/cuda.py)."""
 
     def padded_size(self, query_lens: np.ndarray) -> int | None:
-        """The captured size a batch runs at, or None when it must run eagerly."""
+        """The captured size a decode batch runs at, or None when it is not one that a decode graph runs."""
+
+    def padded_tokens(self, num_tokens: int) -> int | None:
+        """The token count a step with prompt tokens runs its graph pieces at, or None when it runs eagerly."""
+
+    def run_pieces(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
     def capture(self) -> None: ...
 
@@ -216,8 +222,9 @@ class Platform(ABC):
 
     @classmethod
     def decode_graphs(cls, model, backend: AttentionBackend, max_batch: int, max_model_len: int, block_size: int,
-                      device: torch.device) -> DecodeGraphs | None:
-        """Graphs for decode steps, when the platform has them (the backend supports_cuda_graphs)."""
+                      device: torch.device, max_prefill_tokens: int = 0) -> DecodeGraphs | None:
+        """Graphs for decode steps, and pieces for steps with prompt tokens up to `max_prefill_tokens`, when the
+        platform has them (the backend supports_cuda_graphs)."""
         return None
 
     @classmethod

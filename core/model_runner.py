@@ -41,7 +41,8 @@ class StepPlan:
     input_ids: np.ndarray  # [T] int64 (zeros for a continuation: the device copy fills them)
     positions: np.ndarray  # [T] int64
     slots: np.ndarray  # [T] int64, -1 for padding
-    graph_size: int | None  # the captured CUDA graph it runs in (None: eager)
+    graph_size: int | None  # the captured decode CUDA graph it runs in (None: not one)
+    piece_tokens: int | None  # the token count of the CUDA graph pieces it runs in (None: not those)
     continuation: bool  # the ids of its sampled rows are the previous step's samples, still on rank 0's device
     sample_rows: list[int]  # batch rows that sample a token
     prompt_spans: list[tuple[int, int, int]]  # (batch row, first flat token, count) of prompt logprobs asked for
@@ -186,7 +187,9 @@ class ModelRunner:
         if tp().stages > 1:
             return  # pipeline stages run eagerly: a graph would hold their sends and receives
         graphs = self.platform.decode_graphs(self.model, self.backend, self.config.max_num_seqs, max_model_len,
-                                             self.config.block_size, self.device)
+                                             self.config.block_size, self.device,
+                                             min(self.config.max_graph_prefill_tokens,
+                                                 self.config.max_num_batched_tokens))
         if graphs is None:
             return
         if self.config.enforce_eager:
@@ -198,9 +201,12 @@ class ModelRunner:
                 self.workers.graphs.append(graphs)
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
-        """The step's flat batch on the host, padded with decode rows up to a captured CUDA graph's size."""
+        """The step's flat batch on the host, padded up to a captured CUDA graph's size: a decode step with rows of one
+        token, a step with prompt tokens with one request of the missing tokens (graph pieces)."""
         bs = self.config.block_size
         pad_to = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
+        pieces = (self.graphs.padded_tokens(sum(batch.num_new_tokens)) if self.graphs and pad_to is None
+                  else None)
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         num_computed = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)
         tables = [r.block_ids for r in batch.requests]
@@ -232,8 +238,15 @@ class ModelRunner:
             tables = tables + [[]] * extra
             input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
             slots = np.pad(slots, (0, extra), constant_values=-1)
+        if pieces is not None and pieces > len(positions):
+            extra = pieces - len(positions)
+            query_lens = np.append(query_lens, extra)
+            num_computed = np.append(num_computed, 0)
+            tables = tables + [[0] * -(-extra // bs)]
+            input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
+            slots = np.pad(slots, (0, extra), constant_values=-1)
         return StepPlan(query_lens, num_computed, tables, input_ids.astype(np.int64), positions, slots, pad_to,
-                        batch.continuation, sample_rows, prompt_spans)
+                        pieces, batch.continuation, sample_rows, prompt_spans)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, input_ids: tuple[torch.Tensor, list[int] | None] | None = None) -> StepLogits:
@@ -255,6 +268,8 @@ class ModelRunner:
             broadcast_from_first_rank(continued)  # the other tensor-parallel ranks' copy, queued on the device
         if plan.graph_size is not None:
             hidden = self.graphs.run(layout, ids, positions)
+        elif plan.piece_tokens is not None:
+            hidden = self.graphs.run_pieces(layout, ids, positions)
         else:
             hidden = self.model(ids, positions, self.backend.build_metadata(layout))
         logits, prompt = None, {}

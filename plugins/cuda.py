@@ -5,15 +5,23 @@ step of B requests runs the graph of the smallest captured size >= B. The runner
 (padding rows: token 0 at position 0, no KV write, one key read from block 0) and the backend writes the step's
 metadata into the graph's own tensors (`build_graph_metadata(out=...)`). With tensor parallelism every rank captures
 the same sizes in the same order, and each graph holds the NCCL all-reduces of its step.
+
+Steps with prompt tokens (prefill, chunked prefill beside decodes) run in graph pieces, one set per padded token count:
+the model is captured as one graph per stretch between attention layers, and each layer's attention runs eagerly
+between the pieces with the step's own metadata (its shapes vary with the requests; the rest of the model only with
+the token count). The pieces hand attention its inputs and take its output through static buffers. The runner pads
+the step with one request of the missing tokens (no KV write, keys read from block 0).
 """
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from llmserve.interfaces import BatchLayout, Platform
+from llmserve.models.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +73,11 @@ class CudaPlatform(Platform):
         return PinnedUploads(64 << 20, device)
 
     @classmethod
-    def decode_graphs(cls, model, backend, max_batch, max_model_len, block_size, device) -> "DecodeGraphs | None":
+    def decode_graphs(cls, model, backend, max_batch, max_model_len, block_size, device,
+                      max_prefill_tokens: int = 0) -> "DecodeGraphs | None":
         if not backend.supports_cuda_graphs:
             return None
-        return DecodeGraphs(model, backend, max_batch, max_model_len, block_size, device)
+        return DecodeGraphs(model, backend, max_batch, max_model_len, block_size, device, max_prefill_tokens)
 
     @classmethod
     def synchronize(cls, device: torch.device) -> None:
@@ -122,21 +131,50 @@ def capture_sizes(max_batch: int) -> list[int]:
     return [s for s in sizes if s < max_batch] + [max_batch]
 
 
+def piece_sizes(max_tokens: int) -> list[int]:
+    sizes = [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    return [s for s in sizes if s < max_tokens] + ([max_tokens] if max_tokens else [])
+
+
+@dataclass
+class Pieces:
+    """One token count's graph pieces: graphs[i] ends where layers[i]'s attention starts; the last one ends the model."""
+
+    graphs: list[torch.cuda.CUDAGraph]
+    layers: list[Attention]
+    hidden: torch.Tensor | None = None
+
+
 class DecodeGraphs:
-    def __init__(self, model, backend, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, model, backend, max_batch: int, max_model_len: int, block_size: int, device: torch.device,
+                 max_prefill_tokens: int = 0) -> None:
         self.model, self.backend, self.device, self.block_size = model, backend, device, block_size
         self.sizes = capture_sizes(max_batch)
+        self.piece_sizes = piece_sizes(max_prefill_tokens)
         self.max_blocks = math.ceil(max_model_len / block_size)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        largest = max(max_batch, max_prefill_tokens)
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.pieces: dict[int, Pieces] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
+        first = self.layers[0]
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        buffer = lambda heads: torch.zeros(max_prefill_tokens, heads * first.head_dim, dtype=dtype, device=device)
+        # what the pieces hand each layer's attention (q, k, v) and take from it (out)
+        self.q, self.k, self.v, self.out = (buffer(first.num_heads), buffer(first.num_kv_heads),
+                                            buffer(first.num_kv_heads), buffer(first.num_heads))
 
     def padded_size(self, query_lens: np.ndarray) -> int | None:
         """The captured size a batch runs at, or None when it must run eagerly (not all decode, or too large)."""
         if len(query_lens) > self.sizes[-1] or int(query_lens.max()) != 1:
             return None
         return next(s for s in self.sizes if s >= len(query_lens))
+
+    def padded_tokens(self, num_tokens: int) -> int | None:
+        """The token count a step with prompt tokens runs its graph pieces at, or None when it must run eagerly."""
+        return next((s for s in self.piece_sizes if s >= num_tokens), None)
 
     def dummy_layout(self, size: int) -> BatchLayout:
         slots = torch.full((size,), -1, dtype=torch.int64, device=self.device)
@@ -155,21 +193,76 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        pool = None
-        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory (one pool for all)
             metadata = self.backend.build_graph_metadata(self.dummy_layout(size), self.max_blocks)
             self.model(self.input_ids[:size], self.positions[:size], metadata)  # warm-up (and kernel compiles)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 hidden = self.model(self.input_ids[:size], self.positions[:size], metadata)
-            pool = graph.pool()
             self.graphs[size] = (graph, metadata, hidden)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        for size in reversed(self.piece_sizes):
+            self.capture_pieces(size)
+        torch.cuda.synchronize()
+        if self.piece_sizes:
+            logger.info("captured CUDA graph pieces for steps with prompt tokens, at token counts %s",
+                        self.piece_sizes)
+
+    def prefill_layout(self, size: int) -> BatchLayout:
+        """One request of `size` new tokens (no KV write; its keys are read from block 0)."""
+        slots = torch.full((size,), -1, dtype=torch.int64, device=self.device)
+        return BatchLayout(np.array([size]), np.zeros(1, dtype=np.int64), [[0] * -(-size // self.block_size)], slots,
+                           self.block_size, self.device)
+
+    def capture_pieces(self, size: int) -> None:
+        ids, positions = self.input_ids[:size], self.positions[:size]
+        self.model(ids, positions, self.backend.build_metadata(self.prefill_layout(size)))  # warm-up
+        torch.cuda.synchronize()
+        pieces = Pieces([torch.cuda.CUDAGraph()], [])
+
+        def split(layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            for buffer, value in ((self.q, q), (self.k, k), (self.v, v)):
+                buffer[:size].copy_(value)
+            pieces.graphs[-1].capture_end()
+            pieces.layers.append(layer)
+            pieces.graphs.append(torch.cuda.CUDAGraph())
+            pieces.graphs[-1].capture_begin(pool=self.pool)
+            return self.out[:size]
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for layer in self.layers:
+            layer.graph_split = split
+        try:
+            with torch.cuda.stream(stream):
+                pieces.graphs[0].capture_begin(pool=self.pool)
+                pieces.hidden = self.model(ids, positions, None)
+                pieces.graphs[-1].capture_end()
+        finally:
+            for layer in self.layers:
+                layer.graph_split = None
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.pieces[size] = pieces
+
+    def run_pieces(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The hidden states of a step padded to a piece size: each piece, then its layer's attention, eagerly."""
+        size = len(input_ids)
+        pieces = self.pieces[size]
+        self.input_ids[:size].copy_(input_ids, non_blocking=True)
+        self.positions[:size].copy_(positions, non_blocking=True)
+        metadata = self.backend.build_metadata(layout)
+        q, k, v, out = self.q[:size], self.k[:size], self.v[:size], self.out[:size]
+        for graph, layer in zip(pieces.graphs, pieces.layers):
+            graph.replay()
+            out.copy_(layer.attend(q, k, v, metadata))
+        pieces.graphs[-1].replay()
+        return pieces.hidden
 
     def release(self) -> None:
         """Free the graphs (before a process group whose NCCL communicators they use is torn down)."""
         self.graphs.clear()
+        self.pieces.clear()
 
     def run(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The hidden states of a padded decode batch (layout, ids and positions already padded to a size)."""

@@ -1,5 +1,6 @@
-"""The engine on a CUDA GPU (skipped without one): TRITON_ATTN with and without CUDA graphs equals the TORCH_SDPA
-path and HF transformers on the same random weights, in float32, for mixed batches of prefill chunks and decodes."""
+"""The engine on a CUDA GPU (skipped without one): TRITON_ATTN with and without CUDA graphs (whole for decode steps,
+in pieces for steps with prompt tokens) equals the TORCH_SDPA path and HF transformers on the same random weights, in
+float32, for mixed batches of prefill chunks and decodes."""
 import gc
 
 import pytest
@@ -44,7 +45,9 @@ def test_triton_attn_with_and_without_graphs_equals_sdpa_and_hf(tmp_path, archit
 
     save_random(tiny(architecture), tmp_path)
     reference = run(tmp_path, attention_backend="TORCH_SDPA", enforce_eager=True)
-    assert run(tmp_path, attention_backend="TRITON_ATTN") == reference
+    assert run(tmp_path, attention_backend="TRITON_ATTN") == reference  # decode graphs
+    # and steps with prompt tokens in graph pieces (up to 128 tokens: every step here)
+    assert run(tmp_path, attention_backend="TRITON_ATTN", max_graph_prefill_tokens=128) == reference
     assert run(tmp_path, attention_backend="TRITON_ATTN", enforce_eager=True) == reference
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
     hf.generation_config.eos_token_id = None

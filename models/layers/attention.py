@@ -1,3 +1,5 @@
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -17,9 +19,16 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap
         self.backend = None
         self.kv_cache = torch.empty(0)
+        # set while the platform captures a step in CUDA graph pieces: the attention runs between them instead
+        self.graph_split: Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata) -> torch.Tensor:
         """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] -> [T, heads*head_dim]."""
+        if self.graph_split is not None:
+            return self.graph_split(self, q, k, v)
+        return self.attend(q, k, v, attn_metadata)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata) -> torch.Tensor:
         tokens = q.shape[0]
         out = self.backend.forward(self, q.view(tokens, self.num_heads, self.head_dim),
                                    k.view(tokens, self.num_kv_heads, self.head_dim),
