@@ -82,12 +82,16 @@ class TorchSdpaBackend(AttentionBackend):
     platforms = ("cpu", "cuda", "rocm")
     supports_logit_softcap = True
 
+    def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
+        """The rows this backend attends to with SDPA, in groups (all of them; CPU_ATTN keeps the decode rows)."""
+        return pack_groups(query_lens, seq_lens, max_keys)
+
     def build_metadata(self, batch: BatchLayout) -> SdpaMetadata:
         starts, seq_lens, query_lens = batch.query_start_loc, batch.seq_lens, batch.query_lens
         groups = []
         s = self.spec
         max_keys = GROUP_KV_BYTES // (2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize)
-        for rows in pack_groups(query_lens, seq_lens, max_keys):
+        for rows in self.packed_rows(query_lens, seq_lens, max_keys):
             max_q = int(query_lens[rows].max())
             max_blocks = -(-int(seq_lens[rows].max()) // batch.block_size)
             offsets = np.arange(max_q)
