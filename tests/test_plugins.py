@@ -156,7 +156,8 @@ def test_example_architecture_loads(example_plugin, tmp_path):
 def test_unknown_architecture_and_backend(example_plugin, tmp_path):
     with pytest.raises(ValueError, match=r"\['NoSuchForCausalLM'\] is not supported; supported: .*ExampleLlama"):
         LLM(model=save_config(tmp_path / "unknown", "NoSuchForCausalLM"), load_format="dummy")
-    with pytest.raises(ValueError, match="unknown attention backend 'NO_SUCH_ATTN'; registered: EXAMPLE_ATTN, "):
+    with pytest.raises(ValueError, match="unknown attention backend 'NO_SUCH_ATTN'; registered: CPU_ATTN, "
+                                         "EXAMPLE_ATTN, "):
         LLM(model=save_config(tmp_path / "example", "ExampleLlamaForCausalLM"), load_format="dummy",
             attention_backend="NO_SUCH_ATTN")
 
