@@ -29,7 +29,6 @@ KERNEL = r"""
 #include <ATen/Parallel.h>
 #include <cfloat>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 template <typename T> inline float widen(T x) { return static_cast<float>(x); }

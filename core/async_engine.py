@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -226,7 +227,7 @@ class EngineLoop:
         completions = []
         for c in output.outputs:
             text, tokens, logprobs = sent.get(c.index, ("", 0, 0))
-            kept = len(text) if c.text.startswith(text) else len(common_prefix(text, c.text))
+            kept = len(text) if c.text.startswith(text) else len(os.path.commonprefix([text, c.text]))
             completions.append(CompletionDelta(c.index, kept, c.text[kept:], c.token_ids[tokens:],
                                                c.logprobs[logprobs:] if c.logprobs is not None else None,
                                                c.cumulative_logprob, c.finish_reason, c.stop_reason))
@@ -244,13 +245,6 @@ class EngineLoop:
         if self.items or force:
             self.conn.send(("step", self.items, engine_state(self.engine)))
             self.items = []
-
-
-def common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
 
 
 def engine_state(engine: LLMEngine) -> EngineState:
@@ -419,8 +413,8 @@ class AsyncEngine:
         try:
             with self.send_lock:
                 self.conn.send(command)
-        except (OSError, ValueError):
-            if command != STOP and isinstance(command, AddRequests):
+        except (OSError, ValueError):  # the engine has gone: only a new call needs telling
+            if isinstance(command, AddRequests):
                 raise EngineDeadError("the engine is not running") from None
 
     def shutdown(self) -> None:

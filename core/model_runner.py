@@ -231,18 +231,17 @@ class ModelRunner:
             count = min(batch.num_new_tokens[i], r.num_prompt_tokens - 1 - r.num_computed_tokens)  # the last one
             if count > 0:  # predicts the first output token
                 prompt_spans.append((i, int(starts[i]), count))
-        if pad_to is not None and pad_to > len(tables):
-            extra = pad_to - len(tables)
-            query_lens = np.concatenate([query_lens, np.ones(extra, dtype=np.int64)])
-            num_computed = np.concatenate([num_computed, np.zeros(extra, dtype=np.int64)])
-            tables = tables + [[]] * extra
-            input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
-            slots = np.pad(slots, (0, extra), constant_values=-1)
-        if pieces is not None and pieces > len(positions):
+        padding: list[tuple[int, list[int]]] = []  # (tokens, block table) of each padding request
+        if pad_to is not None and pad_to > len(tables):  # decode rows of one token, no blocks
+            padding = [(1, [])] * (pad_to - len(tables))
+        elif pieces is not None and pieces > len(positions):  # one request of the missing tokens, reading block 0
             extra = pieces - len(positions)
-            query_lens = np.append(query_lens, extra)
-            num_computed = np.append(num_computed, 0)
-            tables = tables + [[0] * -(-extra // bs)]
+            padding = [(extra, [0] * -(-extra // bs))]
+        if padding:
+            extra = sum(n for n, _ in padding)
+            query_lens = np.concatenate([query_lens, np.array([n for n, _ in padding], dtype=np.int64)])
+            num_computed = np.concatenate([num_computed, np.zeros(len(padding), dtype=np.int64)])
+            tables = tables + [table for _, table in padding]
             input_ids, positions = np.pad(input_ids, (0, extra)), np.pad(positions, (0, extra))
             slots = np.pad(slots, (0, extra), constant_values=-1)
         return StepPlan(query_lens, num_computed, tables, input_ids.astype(np.int64), positions, slots, pad_to,
