@@ -35,8 +35,7 @@ HELP = {
     "gpu_memory_utilization": "Fraction of GPU memory the engine may use.",
     "enforce_eager": "Run every step eagerly (no CUDA graphs).",
     "max_graph_prefill_tokens": "Steps with prompt tokens, up to this many tokens, run in CUDA graph pieces (attention "
-                                "runs eagerly between them); 0: CUDA graphs for decode steps only. Experimental: not "
-                                "yet run on a GPU.",
+                                "runs eagerly between them); 0: CUDA graphs for decode steps only.",
     "async_scheduling": "Launch the next decode step before reading this one's tokens (default: on GPUs).",
     "max_logprobs": "The most logprobs (and prompt logprobs) a request may ask for.",
     "distributed_executor_backend": "How tensor-parallel ranks run: mp (processes on this machine) or ray (Ray "

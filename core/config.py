@@ -45,8 +45,8 @@ class EngineConfig:
     device: str | None = None  # None: the detected platform's device
     enforce_eager: bool = False  # True: no CUDA graphs
     # steps with prompt tokens, up to this many tokens, run in CUDA graph pieces (attention eager between them);
-    # 0 (the default until it has run on a GPU: tests/test_gpu.py): decode steps only
-    max_graph_prefill_tokens: int = 0
+    # 0: graphs for decode steps only
+    max_graph_prefill_tokens: int = 1024
     async_scheduling: bool | None = None  # launch decode step N+1 before reading step N's tokens; None: on GPUs
     max_logprobs: int = 20  # the most logprobs (and prompt logprobs) a request may ask for
     # vLLM's engine arguments that llmserve takes only with the values in SUPPORTED_ONLY (checked below)

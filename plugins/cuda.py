@@ -223,7 +223,7 @@ class DecodeGraphs:
 
         def split(layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             for buffer, value in ((self.q, q), (self.k, k), (self.v, v)):
-                buffer[:size].copy_(value)
+                buffer[:size].copy_(value.reshape(size, -1))  # a model may hand them split into heads
             pieces.graphs[-1].capture_end()
             pieces.layers.append(layer)
             pieces.graphs.append(torch.cuda.CUDAGraph())

@@ -23,7 +23,7 @@ class Attention(nn.Module):
         self.graph_split: Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata) -> torch.Tensor:
-        """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] -> [T, heads*head_dim]."""
+        """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] (or split into heads) -> [T, heads*head_dim]."""
         if self.graph_split is not None:
             return self.graph_split(self, q, k, v)
         return self.attend(q, k, v, attn_metadata)
