@@ -160,8 +160,8 @@ def serve_and_load(command: list[str], port: int, loads: list, scale: float, voc
 
     if py_spy:  # py-spy starts the server, so it may trace it without extra privileges; SIGINT makes it write
         py_spy.mkdir(parents=True, exist_ok=True)
-        command = ["py-spy", "record", "--gil", "--threads", "--nonblocking", "--rate", "200", "--format",
-                   "speedscope", "-o", str(py_spy / "llm-serve.speedscope.json"), "--", *command]
+        command = ["py-spy", "record", "--gil", "--threads", "--subprocesses", "--nonblocking", "--rate", "200",
+                   "--format", "speedscope", "-o", str(py_spy / "llm-serve.speedscope.json"), "--", *command]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True)
     results = {}

@@ -13,6 +13,7 @@ import uvicorn
 from llmserve.async_engine import AsyncEngine
 from llmserve.cli.engine_options import build_engine, engine_command
 from llmserve.cli.main import SPREAD_OPTIONS, app
+from llmserve.engine import freeze_startup_heap
 from llmserve.loader import DEFAULT_MODEL
 from llmserve.server.protocol import RequestLimits
 
@@ -109,6 +110,7 @@ def serve(
                             # httptools parses HTTP in C where installed; asyncio's loop, not uvloop, which aborts the
                             # process when a socket lands on fd 0 (a supervisor that closed stdin)
                             loop="asyncio")
+    freeze_startup_heap()  # the server's own start-up heap (the tokenizer, the web framework)
     try:
         GracefulServer(config, engine).run()
     finally:
