@@ -42,13 +42,18 @@ HELP = {
                                     "actors; needs the ray extra of llmserve); default: ray when RAY_ADDRESS is set "
                                     "or the ranks outnumber this machine's GPUs.",
     "pipeline_parallel_size": "Stages to split the layers into (one process per stage and tensor-parallel rank).",
+    "quantization": "Quantize the weights at load (fp8: per-channel fp8 weights, per-token fp8 activations) or "
+                    "name the checkpoint's method (default: the one its quantization_config names); `llm plugins` "
+                    "lists the methods.",
+    "kv_cache_dtype": "The KV cache's dtype: auto (the model's) or fp8 (e4m3 with a scale per layer: twice the "
+                      "tokens in the same memory).",
     "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
                             "cores).",
 }
 # vLLM's engine options that llmserve takes with the values it supports today (others are refused, saying why)
 VLLM_OPTIONS = {"trust_remote_code": bool, "revision": Optional[str], "tokenizer_revision": Optional[str],
                 "download_dir": Optional[str], "tokenizer_mode": str, "enable_chunked_prefill": Optional[bool],
-                "quantization": Optional[str], "kv_cache_dtype": str, "disable_log_stats": bool}
+                "disable_log_stats": bool}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="HF folder, .gguf file or hub id "
                                                                            "(default: the embedded model).")]
@@ -77,6 +82,7 @@ ENGINE_PARAMETERS = [
     option("kv_cache_memory_bytes", Optional[int]), option("gpu_memory_utilization", float),
     option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
     option("pipeline_parallel_size", int, aliases=("-pp",)), option("distributed_executor_backend", Optional[str]),
+    option("quantization", Optional[str], aliases=("-q",)), option("kv_cache_dtype", str),
 ] + [vllm_option(name, annotation) for name, annotation in VLLM_OPTIONS.items()]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
     str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])

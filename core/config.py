@@ -5,6 +5,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}  # None: the model's
 
 
 # vLLM engine argument -> (the values llmserve supports today, why / what instead)
@@ -17,8 +18,6 @@ SUPPORTED_ONLY = {
     "tokenizer_mode": (("auto",), "supported: 'auto' (transformers' fast tokenizer where the model has one)"),
     "enable_chunked_prefill": ((None, True), "prefill is always chunked under max_num_batched_tokens; supported: "
                                              "True"),
-    "quantization": ((None,), "quantized weights are not supported yet; GGUF files are dequantized on load"),
-    "kv_cache_dtype": (("auto",), "the KV cache has the model's dtype; supported: 'auto'"),
 }
 
 
@@ -56,8 +55,10 @@ class EngineConfig:
     download_dir: str | None = None
     tokenizer_mode: str = "auto"
     enable_chunked_prefill: bool | None = None
+    # a quantization method (`llm plugins` lists them): weights quantized at load ("fp8"), or the checkpoint's own
+    # format, which its quantization_config names (None: that, or none)
     quantization: str | None = None
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "fp8" (e4m3, scaled per layer): half the bytes of a 16-bit cache; "auto": the model's
     tensor_parallel_size: int = 1
     # "mp" (processes here), "ray" or a plugin's; None: ray when RAY_ADDRESS is set or the ranks outnumber this
     # machine's GPUs, else mp
@@ -79,6 +80,7 @@ class EngineConfig:
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", "must be a power of two up to 256")
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be > 0")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {list(KV_CACHE_DTYPES)}")
         check(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}")
         check(self.load_format != "gguf" or str(self.model).endswith(".gguf"), "load_format",
               f"'gguf' needs a .gguf model file (model={self.model!r})")

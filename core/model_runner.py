@@ -82,6 +82,10 @@ class ModelRunner:
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
         self.dtype = resolve_dtype(config.dtype, model_dtype, platform.default_dtype())
+        if config.quantization is not None:  # TODO(issue 16): the quantization methods
+            raise ValueError(f"quantization {config.quantization!r}: no quantization method is registered yet")
+        if config.kv_cache_dtype != "auto":  # TODO(issue 16): backends that store fp8
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: no attention backend stores fp8 yet")
         try:
             self.model = self.build_model(model_class(hf_config), hf_config)
             if config.load_format == "dummy":
