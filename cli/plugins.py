@@ -1,4 +1,5 @@
-"""`llm plugins`: the platforms, attention backends and model architectures registered here, and who provides them.
+"""`llm plugins`: the platforms, attention backends, models, parsers, executors and quantization methods registered
+here, and who provides them.
 
 Listing imports the plugin modules (they name their classes lazily) and the backend classes, to ask each
 why_unsupported(); it never imports a model class or a GPU-only package (backends keep those inside functions).
@@ -55,6 +56,7 @@ def collect() -> dict:
         "tool_parsers": [describe(r) for r in reg.of("tool_parser").values()],
         "reasoning_parsers": [describe(r) for r in reg.of("reasoning_parser").values()],
         "executors": [describe(r) for r in reg.of("executor").values()],
+        "quantization_methods": [describe(r) for r in reg.of("quantization").values()],
         "failures": [failure(plugin, error) for plugin, error in reg.failures.items()],
     }
 
@@ -75,7 +77,8 @@ def render(listing: dict) -> str:
     lines += ["Model architectures:", *rows(listing["models"]), "Tool-call parsers (--tool-call-parser):",
               *rows(listing["tool_parsers"]), "Reasoning parsers (--reasoning-parser):",
               *rows(listing["reasoning_parsers"]), "Distributed executors (--distributed-executor-backend):",
-              *rows(listing["executors"])]
+              *rows(listing["executors"]), "Quantization methods (--quantization, or a checkpoint's quant_method):",
+              *rows(listing["quantization_methods"])]
     if listing["failures"]:
         lines.append("Plugins that failed to load (skipped):")
     for f in listing["failures"]:

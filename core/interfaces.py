@@ -244,3 +244,60 @@ class ModelArchitecture(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def load_weights(self, weights) -> None: ...
+
+
+class QuantizationMethod(ABC):
+    """How linear layers hold and multiply quantized weights, registered by name: `--quantization NAME` (a method
+    that quantizes a float checkpoint as it loads), or the `quant_method` of a checkpoint's quantization_config (a
+    method that reads that format). One instance per model. The model runner calls, in order: `create_weights` on each
+    layer `quantizes` accepts, the checkpoint's tensors go in through `checkpoint_rows` (and `input_dim` where ranks
+    split the input features), `process_weights` once all are loaded, then `apply` at every forward pass."""
+
+    name: ClassVar[str]
+    quantizes_at_load: ClassVar[bool] = False  # True: for float checkpoints (fp8); False: reads a quantized format
+
+    def __init__(self, quant_config: dict, dtype: torch.dtype, platform: str) -> None:
+        self.quant_config, self.dtype, self.platform = quant_config, dtype, platform
+
+    @classmethod
+    def why_unsupported(cls, quant_config: dict, dtype: torch.dtype, platform: str) -> list[str]:
+        """Why this method cannot run with this configuration here (empty: it can)."""
+        return []
+
+    def quantizes(self, prefix: str) -> bool:
+        """Whether the linear layer named `prefix` (model.layers.0.mlp.down_proj) is quantized; the LM head never is."""
+        return True
+
+    @abstractmethod
+    def create_weights(self, layer) -> None:
+        """Give `layer` (a models.layers.linear.Linear, `out_features` x `in_features` on this rank; a row-parallel
+        one has `full_in` input features in all) this method's parameters in place of its float weight. Every
+        parameter has the output rows first, so that layers stacking projections or splitting outputs slice dim 0."""
+
+    def checkpoint_rows(self, kind: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        """The checkpoint's tensor `kind` (qweight, scales, weight_scale, ...) of a projection with `rows` output
+        rows, in the layout of the layer's parameter of that name."""
+        return tensor
+
+    def input_dim(self, kind: str) -> tuple[int, int] | None:
+        """Where ranks split the input features (a row-parallel layer): (the dim of `kind` that follows them, input
+        features per index of it); None: each rank keeps all of `kind`. A float weight is (1, 1)."""
+        return (1, 1) if kind == "weight" else None
+
+    def unsplit(self, kind: str) -> bool:
+        """Whether `kind` is indexed by input features only (the same for every stacked projection: GPTQ's g_idx)."""
+        return False
+
+    def dummy_weights(self, layer, generator: torch.Generator | None) -> None:
+        """Random values for the method's own non-float parameters (`--load-format dummy`; float ones are random)."""
+
+    def process_weights(self, layer) -> None:
+        """After loading: quantize, repack for this platform's kernels."""
+
+    @abstractmethod
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features], plus `bias` when given."""
+
+    def describe(self) -> str:
+        """One line for the log: what is quantized and how."""
+        return self.name

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.distributed import broadcast_from_first_rank, min_over_ranks, tp
 from llmserve.interfaces import BatchLayout, Platform
+from llmserve import quantization
 from llmserve.loader import iter_weights
 from llmserve.plugins.select import model_class, select_attention_backend
 from llmserve.request import Request
@@ -82,16 +83,20 @@ class ModelRunner:
         model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
         self.dtype = resolve_dtype(config.dtype, model_dtype, platform.default_dtype())
-        if config.quantization is not None:  # TODO(issue 16): the quantization methods
-            raise ValueError(f"quantization {config.quantization!r}: no quantization method is registered yet")
+        self.quant = quantization.choose(config.quantization, hf_config, self.dtype, platform.name)
         if config.kv_cache_dtype != "auto":  # TODO(issue 16): backends that store fp8
             raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: no attention backend stores fp8 yet")
         try:
             self.model = self.build_model(model_class(hf_config), hf_config)
+            if self.quant is not None:
+                quantization.prepare(self.model, self.quant)
             if config.load_format == "dummy":
                 self.init_dummy_weights()
             else:
                 self.model.load_weights(iter_weights(model_path, config.load_format))
+            if self.quant is not None:
+                quantization.finish(self.model, self.quant, config.load_format == "dummy",
+                                    torch.Generator(self.device).manual_seed(config.seed))
         except torch.OutOfMemoryError:
             raise ValueError(self.weights_do_not_fit(model_class(hf_config), hf_config)) from None
         self.spec = self.model.attention_spec(config.block_size)
@@ -153,6 +158,8 @@ class ModelRunner:
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
         with torch.no_grad():
             for name, param in self.model.named_parameters():
+                if not param.dtype.is_floating_point or param.dtype.itemsize == 1:
+                    continue  # a quantization method's packed or fp8 values: its dummy_weights fills them
                 if "norm" in name:
                     param.fill_(1.0)
                 else:

@@ -31,3 +31,9 @@ def llmserve_reasoning_parsers() -> dict[str, str]:
 def llmserve_executors() -> dict[str, str]:
     """Distributed executors by name (mp, ray): subclasses of llmserve.executor.Workers, which start the
     tensor-parallel ranks 1..N-1 and tell rank 0 when one is gone."""
+
+
+@hookspec
+def llmserve_quantization_methods() -> dict[str, str]:
+    """Quantization methods by name (fp8, gptq, awq, or a checkpoint's quant_method): subclasses of
+    llmserve.interfaces.QuantizationMethod."""

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "llmserve.plugins"
 KINDS = {"platform": "llmserve_platforms", "attention_backend": "llmserve_attention_backends",
          "model": "llmserve_models", "tool_parser": "llmserve_tool_parsers",
-         "reasoning_parser": "llmserve_reasoning_parsers", "executor": "llmserve_executors"}
+         "reasoning_parser": "llmserve_reasoning_parsers", "executor": "llmserve_executors",
+         "quantization": "llmserve_quantization_methods"}
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,11 @@ class PluginRegistry:
 def builtin_modules() -> list[str]:
     import llmserve.backends
     import llmserve.models
+    import llmserve.quantization
     import llmserve.server.parsers
 
     modules = ["llmserve.plugins.platforms", "llmserve.executor"]
-    for package in (llmserve.backends, llmserve.models, llmserve.server.parsers):
+    for package in (llmserve.backends, llmserve.models, llmserve.quantization, llmserve.server.parsers):
         modules += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__) if not m.ispkg]
     return modules
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.distributed import all_gather_last_dim, all_reduce, split_evenly, tp
+from llmserve.interfaces import QuantizationMethod
 
 
 
@@ -15,9 +16,11 @@ def cpu_has_fast_half_matmul() -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear with a CPU fast path: the weight pre-packed once for oneDNN's GEMM (see pack_for_cpu). Replicated on
-    every tensor-parallel rank; the parallel layers below hold slices."""
+    every tensor-parallel rank; the parallel layers below hold slices. A quantization method (`quant`) may replace
+    the weight by parameters of its own and do the multiplication."""
 
     packed_weight = None
+    quant: QuantizationMethod | None = None
 
     def pack_for_cpu(self) -> None:
         """Pack the weight once into oneDNN's blocked layout: up to 2x faster than the unpacked GEMM at decode batch
@@ -29,6 +32,8 @@ class Linear(nn.Linear):
         fp32 and the sums accumulate in fp32, as a native bf16 GEMM does, while torch's fallback kernel for those
         CPUs is several times slower.
         """
+        if self.quant is not None:
+            return
         weight = self.weight.detach()
         if weight.dtype == torch.bfloat16 and cpu_has_fast_half_matmul():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -36,6 +41,8 @@ class Linear(nn.Linear):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.float(), None)
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x, bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, bias)
         dtype = self.packed_weight.dtype
@@ -47,13 +54,18 @@ class Linear(nn.Linear):
         return self.project(x, self.bias)
 
     def load_full(self, kind: str, tensor: torch.Tensor) -> None:
-        """Load the checkpoint's whole tensor for `kind` ("weight" or "bias"): this rank's part of it."""
+        """Load the checkpoint's whole tensor for `kind` ("weight", "bias", a quantization method's): this rank's
+        part of it."""
         target = getattr(self, kind)
-        part = self.part_of(kind, tensor)
+        part = self.part_of(kind, self.checkpoint_rows(kind, tensor, self.out_features))
         if part.shape != target.shape:
             raise ValueError(f"{kind} has shape {tuple(tensor.shape)}, expected {self.full_shape(kind)}")
         with torch.no_grad():
             target.copy_(part)
+
+    def checkpoint_rows(self, kind: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        """A checkpoint tensor in the layout of the parameter: the quantization method's, output rows first."""
+        return tensor if self.quant is None or kind == "bias" else self.quant.checkpoint_rows(kind, tensor, rows)
 
     def part_of(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -80,8 +92,21 @@ class MergedLinear(Linear):
         lengths = [length for _, length in self.shard_slices]
         super().__init__(in_features, sum(lengths), bias=bias)
         self.shard_offsets = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+        self.unsplit_loaded: set[str] = set()  # a quantization method's tensors shared by the projections, loaded
 
     def load_shard(self, index: int, tensor: torch.Tensor, kind: str = "weight") -> None:
+        if self.quant is not None and self.quant.unsplit(kind):  # the same for every projection: kept once
+            target = getattr(self, kind)
+            if kind in self.unsplit_loaded and not torch.equal(target, tensor.to(target.dtype)):
+                raise ValueError(f"shard {index} of {kind} differs from another projection's, and the stacked "
+                                 "projections share one")
+            with torch.no_grad():
+                target.copy_(tensor)
+            self.unsplit_loaded.add(kind)
+            return
+        self.copy_shard(index, self.checkpoint_rows(kind, tensor, self.shard_sizes[index]), kind)
+
+    def copy_shard(self, index: int, tensor: torch.Tensor, kind: str) -> None:
         if tensor.shape[0] != self.shard_sizes[index]:
             raise ValueError(f"shard {index} of {kind} has {tensor.shape[0]} rows, expected {self.shard_sizes[index]}")
         start, length = self.shard_slices[index]
@@ -91,10 +116,13 @@ class MergedLinear(Linear):
 
     def load_full(self, kind: str, tensor: torch.Tensor) -> None:
         """The projections already stacked in the checkpoint (Phi-3's qkv_proj, GPT-2's c_attn)."""
+        if self.quant is not None and self.quant.unsplit(kind):
+            return self.load_shard(0, tensor, kind)
+        tensor = self.checkpoint_rows(kind, tensor, sum(self.shard_sizes))
         if tensor.shape[0] != sum(self.shard_sizes):
             raise ValueError(f"{kind} has {tensor.shape[0]} rows, expected {sum(self.shard_sizes)}")
         for index, part in enumerate(tensor.split(self.shard_sizes)):
-            self.load_shard(index, part, kind)
+            self.copy_shard(index, part, kind)
 
 
 class ColumnParallelLinear(MergedLinear):
@@ -120,10 +148,19 @@ class RowParallelLinear(Linear):
         return out if self.bias is None else out + self.bias
 
     def part_of(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[:, self.start:self.start + self.in_features] if kind == "weight" else tensor
+        where = self.quant.input_dim(kind) if self.quant is not None else (1, 1) if kind == "weight" else None
+        if where is None:
+            return tensor
+        dim, per_index = where
+        if self.start % per_index or self.in_features % per_index:
+            raise ValueError(f"{kind}: this rank's input features {self.start}:{self.start + self.in_features} do not "
+                             f"fall on its packing of {per_index}; use fewer tensor-parallel ranks")
+        return tensor.narrow(dim, self.start // per_index, self.in_features // per_index)
 
     def full_shape(self, kind: str) -> tuple[int, ...]:
-        return (self.out_features, self.full_in) if kind == "weight" else (self.out_features,)
+        if kind == "bias":
+            return (self.out_features,)
+        return (self.out_features, self.full_in) if self.quant is None else tuple(getattr(self, kind).shape)
 
 
 def qkv_slices(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[list[tuple[int, int]], int, int]:

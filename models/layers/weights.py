@@ -35,7 +35,7 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in {model_name} "
                                  f"(expected {target}.{leaf})")
             module = model.get_submodule(target)
-            module.load_shard(shard, tensor.to(getattr(module, leaf).dtype), leaf)
+            module.load_shard(shard, tensor, leaf)  # copied in the parameter's dtype
             shards.setdefault(f"{target}.{leaf}", set()).add(shard)
             continue
         if name not in params:
@@ -46,7 +46,7 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         module = model.get_submodule(module_path) if module_path else model
         if hasattr(module, "load_full"):  # a layer that keeps its tensor-parallel part of the tensor
             try:
-                module.load_full(leaf, tensor.to(param.dtype))
+                module.load_full(leaf, tensor)
             except ValueError as e:
                 raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
         else:
