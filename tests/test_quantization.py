@@ -110,3 +110,23 @@ def test_wrong_quantization_requests_are_refused_by_name(float_checkpoint, tmp_p
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="^quantization 'awq' cannot run here: 3-bit weights"):
         LLM(model=str(quantized), skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_quantized_checkpoints_split_over_two_ranks_as_on_one(float_checkpoint, tmp_path, fmt):
+    """Tensor parallelism over gloo: stacked projections split by output rows, o_proj and down_proj by input
+    features (GPTQ's act-order g_idx with them, its scales whole; AWQ's scales by group). fp8 activations get a
+    scale per token on each rank's share of a row-parallel layer's input: close to one rank's, not equal."""
+    tolerance = dict(rel=0.03) if fmt == "compressed-tensors" else dict(abs=1e-3)
+    quantized, _ = quantized_copy(float_checkpoint, tmp_path, *FORMATS[fmt])
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    outputs = []
+    for size in (1, 2):
+        llm = LLM(model=str(quantized), skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=size,
+                  kv_cache_memory_bytes=32 << 20)
+        outputs.append(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False))
+        llm.engine.shutdown()
+    for one, two in zip(*outputs):
+        assert one.outputs[0].token_ids == two.outputs[0].token_ids
+        for a, b, token in zip(one.outputs[0].logprobs, two.outputs[0].logprobs, one.outputs[0].token_ids):
+            assert a[token].logprob == pytest.approx(b[token].logprob, **tolerance)
