@@ -147,6 +147,7 @@ class CpuAttnBackend(TorchSdpaBackend):
     name = "CPU_ATTN"
     platforms = ("cpu",)
     supports_logit_softcap = False
+    kv_cache_dtypes = ()  # its C++ decode kernel reads 16- and 32-bit caches only
 
     @classmethod
     def why_unsupported(cls, spec: AttentionSpec, platform: str) -> list[str]:

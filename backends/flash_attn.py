@@ -178,6 +178,8 @@ class FlashAttnBackend(AttentionBackend):
     required_packages: ClassVar[dict[str, str]] = {"triton": "triton>=3.6"}  # the KV write
     supports_cuda_graphs = True
     supports_logit_softcap = True  # flash_attn and flash-attn-4; torch's refuses a capped model
+    kv_cache_dtypes_why = ("FlashAttention's paged kernels (flash_attn, flash-attn-4, torch's varlen_attn) take keys "
+                           "and values in the query's dtype")
 
     @classmethod
     def why_unsupported(cls, spec, platform: str) -> list[str]:

@@ -6,6 +6,11 @@ V are each FlashInfer's NHD page layout, and the same Triton kernel writes them.
 window, so a model with sliding-window layers plans one wrapper per window. CUDA graphs: one decode wrapper per
 captured batch size, with fixed index buffers, planned again before each replay.
 
+An fp8 KV cache (kv_cache_dtype): the wrappers are planned with an fp8 kv_data_type, and FlashInfer's FA2 kernels widen
+the keys and values to the query's dtype. Its run() takes k_scale and v_scale only as host numbers (folded into the
+softmax scale, baked into a captured graph), so the layer's device scales are applied around it instead: the query
+times k_scale (scores = q . k_stored * k_scale), the output times v_scale.
+
 flashinfer is imported when the backend is built, never on import: listing the backends must not import it.
 """
 import itertools
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmserve.backends.triton_attn import write_kv
+from llmserve.backends.triton_attn import fp8_cache_limits, write_kv
 from llmserve.interfaces import AttentionBackend, BatchLayout
 from llmserve.plugins import hookimpl
 
@@ -52,6 +57,14 @@ class FlashInferBackend(AttentionBackend):
     required_packages = {"flashinfer": "flashinfer-python", "triton": "triton>=3.6"}  # triton: the KV write
     supports_cuda_graphs = True
     supports_logit_softcap = True  # one cap for all layers, planned with the step (AttentionSpec.logit_softcap)
+    kv_cache_dtypes = (torch.float8_e4m3fn,)
+
+    @classmethod
+    def why_unsupported(cls, spec, platform: str) -> list[str]:
+        reasons = super().why_unsupported(spec, platform)
+        if spec.kv_cache_dtype is not None:
+            reasons += fp8_cache_limits(platform)  # the KV write is TRITON_ATTN's kernel
+        return reasons
 
     def __init__(self, spec, device: torch.device) -> None:
         super().__init__(spec, device)
@@ -98,7 +111,7 @@ class FlashInferBackend(AttentionBackend):
         if wrapper in self.planned:
             self.planned[wrapper].synchronize()
         s = self.spec
-        common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.dtype,
+        common = dict(window_left=window, q_data_type=s.dtype, kv_data_type=s.cache_dtype,
                       logits_soft_cap=s.logit_softcap or 0.0)
         try:
             if decode:
@@ -133,10 +146,14 @@ class FlashInferBackend(AttentionBackend):
         return out
 
     def forward(self, layer, q, k, v, kv_cache, metadata: FlashInferMetadata) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        scaled = self.spec.kv_cache_dtype is not None
+        write_kv(k, v, kv_cache, metadata.slot_mapping, *((layer.k_scale, layer.v_scale) if scaled else ()))
         wrapper = metadata.wrappers[layer.sliding_window - 1 if layer.sliding_window else -1]
         q_scale = layer.scale * math.sqrt(self.spec.head_dim)  # plans use 1/sqrt(head_dim)
-        return wrapper.run(q, (kv_cache[0], kv_cache[1]), q_scale=None if math.isclose(q_scale, 1.0) else q_scale)
+        if scaled:  # the device scales around the kernel (the module docstring says why)
+            q = (q.float() * layer.k_scale).to(q.dtype)
+        out = wrapper.run(q, (kv_cache[0], kv_cache[1]), q_scale=None if math.isclose(q_scale, 1.0) else q_scale)
+        return (out.float() * layer.v_scale).to(out.dtype) if scaled else out
 
 
 @hookimpl

@@ -62,15 +62,26 @@ def pack_groups(query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> 
     return groups
 
 
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in a scaled cache's dtype (fp8), clamped to its range, as raw bytes (CPU index_copy_ has no fp8)."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(dtype).view(torch.uint8)
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return stored.float() * scale
+
+
 def attend(query, keys, values, mask, scale: float, logit_softcap: float | None) -> torch.Tensor:
-    """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values; SDPA unless scores are soft-capped, which
-    SDPA cannot do (then the same math in plain torch, in fp32)."""
+    """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values (the query's dtype, or fp32 from a scaled
+    cache); SDPA unless scores are soft-capped, which SDPA cannot do (then the same math in plain torch, in fp32)."""
     if not logit_softcap:
         if query.device.type == "cpu" and query.dtype != torch.float32 and query.shape[2] == 1:
             # torch's CPU kernel decodes half precision 3 to 5x slower than fp32, conversion included (issue 15)
             return F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask,
                                                   scale=scale, enable_gqa=True).to(query.dtype)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+                                              scale=scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
     scores = torch.tanh(query.float() @ keys.transpose(-1, -2) * (scale / logit_softcap)) * logit_softcap
@@ -81,6 +92,7 @@ class TorchSdpaBackend(AttentionBackend):
     name = "TORCH_SDPA"
     platforms = ("cpu", "cuda", "rocm")
     supports_logit_softcap = True
+    kv_cache_dtypes = (torch.float8_e4m3fn,)  # written scaled, gathered blocks widened to fp32 with the scale
 
     def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
         """The rows this backend attends to with SDPA, in groups (all of them; CPU_ATTN keeps the decode rows)."""
@@ -90,7 +102,8 @@ class TorchSdpaBackend(AttentionBackend):
         starts, seq_lens, query_lens = batch.query_start_loc, batch.seq_lens, batch.query_lens
         groups = []
         s = self.spec
-        max_keys = GROUP_KV_BYTES // (2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize)
+        itemsize = 4 if s.kv_cache_dtype is not None else s.dtype.itemsize  # a scaled cache is gathered as fp32
+        max_keys = GROUP_KV_BYTES // (2 * s.num_kv_heads * s.head_dim * itemsize)
         for rows in self.packed_rows(query_lens, seq_lens, max_keys):
             max_q = int(query_lens[rows].max())
             max_blocks = -(-int(seq_lens[rows].max()) // batch.block_size)
@@ -108,6 +121,11 @@ class TorchSdpaBackend(AttentionBackend):
         return SdpaMetadata(batch.slot_mapping, groups)
 
     def forward(self, layer, q, k, v, kv_cache, metadata: SdpaMetadata) -> torch.Tensor:
+        stored = kv_cache.dtype
+        scaled = self.spec.kv_cache_dtype is not None
+        if scaled:  # fp8 as raw bytes: index_copy_ and index_select have no fp8 on every device
+            k, v = quantize(k, layer.k_scale, stored), quantize(v, layer.v_scale, stored)
+            kv_cache = kv_cache.view(torch.uint8)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         _, block_size, kv_heads, head_dim = key_cache.shape
         key_cache.view(-1, kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
@@ -119,6 +137,9 @@ class TorchSdpaBackend(AttentionBackend):
             # index_select on a 2-D view copies whole blocks; advanced indexing on the 5-D cache is ~8x slower
             keys = key_cache.view(key_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
             values = value_cache.view(value_cache.shape[0], -1).index_select(0, g.flat_table).view(shape).transpose(1, 2)
+            if scaled:
+                keys = dequantize(keys.view(stored), layer.k_scale)
+                values = dequantize(values.view(stored), layer.v_scale)
             mask = g.mask(max_blocks * block_size, layer.sliding_window)
             query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
             attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap)

@@ -54,15 +54,32 @@ class TritonAttnMetadata:
 def kernels() -> SimpleNamespace:
     # Triton's interpreter runs a kernel's source against its module's globals (not this function's scope):
     # the names the kernels use must be module globals.
-    global tl, dot, attend_tile, attend_range
+    global tl, dot, attend_tile, attend_range, quantize, round_to_e4m3
     import triton
     import triton.language as tl
 
     @triton.jit
-    def write_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                 stride_c, stride_cb, stride_ct, stride_ch,
+    def round_to_e4m3(y):
+        """y on the e4m3 grid, rounded to nearest even by one fp32 add: the interpreter's own fp32 -> fp8 conversion
+        drops the carry of a mantissa that rounds up into the next power of two (127.4 becomes 64, not 128), but
+        converts values already on the grid exactly. Compiled kernels convert in hardware (round to nearest even)."""
+        bits = y.to(tl.int32, bitcast=True)
+        exponent = tl.maximum((bits >> 23) & 0xFF, 127 - 6)  # e4m3's subnormals keep the spacing of its 2^-6 binade
+        magic = (((exponent + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)  # 1.5 * 2^(exponent + 20)
+        return (y + magic) - magic
+
+    @triton.jit
+    def quantize(x, scale, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX), FP8_MAX)  # IEEE, as torch's
+        if INTERPRET:
+            y = round_to_e4m3(y)
+        return y
+
+    @triton.jit(do_not_specialize_on_alignment=["k_scale_ptr", "v_scale_ptr"])  # one-number loads
+    def write_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, stride_kt, stride_kh, stride_vt,
+                 stride_vh, stride_c, stride_cb, stride_ct, stride_ch,
                  KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, SCALED: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + token)
         if slot < 0:
@@ -71,8 +88,13 @@ def kernels() -> SimpleNamespace:
         d = tl.arange(0, HEAD_P2)[None, :]
         mask = (heads < KV_HEADS) & (d < HEAD_DIM)
         dst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + heads * stride_ch + d
-        tl.store(dst, tl.load(k_ptr + token * stride_kt + heads * stride_kh + d, mask=mask), mask=mask)
-        tl.store(dst + stride_c, tl.load(v_ptr + token * stride_vt + heads * stride_vh + d, mask=mask), mask=mask)
+        k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + d, mask=mask)
+        if SCALED:  # stored = clamp(x / scale) in the cache's fp8
+            k = quantize(k, tl.load(k_scale_ptr), FP8_MAX, INTERPRET)
+            v = quantize(v, tl.load(v_scale_ptr), FP8_MAX, INTERPRET)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_c, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
@@ -103,6 +125,7 @@ def kernels() -> SimpleNamespace:
             k = tl.load(k_base + offset, mask=d < HEAD_DIM, other=0.0)
         else:
             k = tl.load(k_base + offset)
+        k = k.to(q.dtype)  # an fp8 cache widens exactly; its scale is in qk_scale
         s = dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale
         if SOFTCAP:  # qk_scale is scale / cap here; tanh(x) = 1 - 2 / (e^2x + 1), times cap in the log2 domain
             s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)) * softcap
@@ -121,6 +144,7 @@ def kernels() -> SimpleNamespace:
             v = tl.load(v_base + offset, mask=d < HEAD_DIM, other=0.0)
         else:
             v = tl.load(v_base + offset)
+        v = v.to(q.dtype)  # an fp8 cache's scale multiplies the finished sum
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, INTERPRET)
         return acc, l_i, m_new
 
@@ -149,14 +173,15 @@ def kernels() -> SimpleNamespace:
     # The batch's size and where its metadata starts in the upload buffer vary every step: no compiled variant
     # per value (Triton would specialise them on == 1, on divisibility by 16 and on 16-byte alignment).
     @triton.jit(do_not_specialize=["num_reqs", "stride_table"],
-                do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr"])
-    def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr,
-                  num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
+                do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr", "k_scale_ptr", "v_scale_ptr"])
+    def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr, k_scale_ptr,
+                  v_scale_ptr, num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, SEGMENTS: tl.constexpr,
-                  SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                  SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                  INTERPRET: tl.constexpr):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
         segment = tl.program_id(2)
@@ -202,6 +227,8 @@ def kernels() -> SimpleNamespace:
         seg_lo = kv_begin + segment * seg_len
         seg_hi = tl.minimum(seg_lo + seg_len, kv_end)
 
+        if SCALED:  # a key read from an fp8 cache is stored * k_scale: the scores take the scale once
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
         acc = tl.zeros([BLOCK_M, HEAD_P2], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0, never NaN
@@ -225,6 +252,8 @@ def kernels() -> SimpleNamespace:
                                      SOFTCAP, PRECISION,
                                      INTERPRET)
 
+        if SCALED:  # sum(p * stored) * v_scale = sum(p * value)
+            acc = acc * tl.load(v_scale_ptr)
         if SEGMENTS == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + flat_token * stride_ot + head[:, None] * stride_oh + d,
@@ -254,15 +283,20 @@ def kernels() -> SimpleNamespace:
                            interpret=bool(triton.knobs.runtime.interpret))
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k/v [T, kv_heads, head_dim] into kv_cache [2, blocks, block_size, kv_heads, head_dim] at slot_mapping [T]."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """k/v [T, kv_heads, head_dim] into kv_cache [2, blocks, block_size, kv_heads, head_dim] at slot_mapping [T]; with
+    k_scale and v_scale ([1] fp32 on the device), an fp8 cache gets clamp(k / k_scale) and clamp(v / v_scale)."""
     tokens, kv_heads, head_dim = k.shape
     if tokens == 0:
         return
+    scaled = k_scale is not None
     kernels().write_kv[(tokens,)](
-        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), *kv_cache.stride()[:4],
+        k, v, kv_cache, slot_mapping, k_scale if scaled else slot_mapping, v_scale if scaled else slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *kv_cache.stride()[:4],
         KV_HEADS=kv_heads, HEADS_P2=next_pow2(kv_heads), HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim),
-        BLOCK_SIZE=kv_cache.shape[2])
+        BLOCK_SIZE=kv_cache.shape[2], SCALED=scaled,
+        FP8_MAX=torch.finfo(kv_cache.dtype).max if scaled else 0.0, INTERPRET=kernels().interpret)
 
 
 def next_pow2(n: int) -> int:
@@ -282,9 +316,11 @@ def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileC
 
 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: TritonAttnMetadata, scale: float,
-              sliding_window: int | None, cfg: TileConfig | None = None, logit_softcap: float | None = None) -> None:
+              sliding_window: int | None, cfg: TileConfig | None = None, logit_softcap: float | None = None,
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """out [T, heads, head_dim] = paged causal attention of q [T, heads, head_dim] over kv_cache; with
-    `logit_softcap`, scores become cap * tanh(scores / cap) before the softmax."""
+    `logit_softcap`, scores become cap * tanh(scores / cap) before the softmax; with k_scale and v_scale, kv_cache is
+    fp8 holding k / k_scale and v / v_scale."""
     tokens, heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = heads // kv_heads
@@ -293,21 +329,34 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
     num_reqs = md.seq_lens.shape[0]
     segments = md.num_segments
     split = segments > 1
+    scaled = k_scale is not None
     grid = (tokens // block_q + num_reqs, kv_heads, segments)
     kernels().attention[grid](
         q, kv_cache, out, md.partial_out if split else out, md.partial_ml if split else out, md.query_start_loc,
-        md.seq_lens, md.block_table, num_reqs, scale / logit_softcap if logit_softcap else scale * LOG2E,
+        md.seq_lens, md.block_table, k_scale if scaled else out, v_scale if scaled else out, num_reqs,
+        scale / logit_softcap if logit_softcap else scale * LOG2E,
         sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), *kv_cache.stride()[:4], md.block_table.stride(0),
         NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim), BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window),
-        SOFTCAP=bool(logit_softcap),
+        SOFTCAP=bool(logit_softcap), SCALED=scaled,
         PRECISION="ieee" if q.dtype == torch.float32 else None, INTERPRET=kernels().interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         kernels().reduce_segments[(tokens, heads)](out, md.partial_out, md.partial_ml, out.stride(0), out.stride(1),
                                                    NUM_HEADS=heads, HEAD_DIM=head_dim,
                                                    HEAD_P2=next_pow2(head_dim), SEGMENTS=segments)
+
+
+def fp8_cache_limits(platform: str) -> list[str]:
+    """Why Triton cannot write and read an e4m3fn cache here (empty: it can)."""
+    if platform == "rocm":  # MI300's fp8 is e4m3fnuz, and ROCM_ATTN has never run on AMD hardware
+        return ["does not support kv_cache_dtype float8_e4m3fn on ROCm: untested there (MI300's own fp8 is e4m3fnuz)"]
+    if platform == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        return [f"does not support kv_cache_dtype float8_e4m3fn on sm{major}{minor}: Triton's e4m3 conversions need "
+                "sm89 or later (Ada, Hopper, Blackwell)"]
+    return []
 
 
 @functools.cache
@@ -322,6 +371,7 @@ class TritonAttnBackend(AttentionBackend):
     required_packages = {"triton": "triton>=3.6"}
     supports_cuda_graphs = True
     supports_logit_softcap = True
+    kv_cache_dtypes = (torch.float8_e4m3fn,)  # written scaled by the write kernel, widened to q's dtype in the tiles
     kv_segments: int | None = None  # None: chosen per batch; a power of two forces that many KV segments
 
     @classmethod
@@ -329,6 +379,8 @@ class TritonAttnBackend(AttentionBackend):
         reasons = super().why_unsupported(spec, platform)
         if not 16 <= spec.head_dim <= 256 or spec.head_dim % 8:
             reasons.append(f"supports head sizes from 16 to 256 in steps of 8, not {spec.head_dim}")
+        if spec.kv_cache_dtype is not None:
+            reasons += fp8_cache_limits(platform)
         return reasons
 
     def num_segments(self, num_reqs: int, max_query_len: int, max_seq_len: int) -> int:
@@ -395,11 +447,12 @@ class TritonAttnBackend(AttentionBackend):
         return tile_config(head_dim, group, itemsize, decode)
 
     def forward(self, layer, q, k, v, kv_cache, metadata: TritonAttnMetadata) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        scales = (layer.k_scale, layer.v_scale) if self.spec.kv_cache_dtype is not None else (None, None)
+        write_kv(k, v, kv_cache, metadata.slot_mapping, *scales)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         cfg = self.tile_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.element_size(),
                                metadata.max_query_len == 1)
-        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, cfg, layer.logit_softcap)
+        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, cfg, layer.logit_softcap, *scales)
         return out
 
 

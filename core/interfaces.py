@@ -66,6 +66,13 @@ class AttentionSpec:
     block_size: int
     sliding_window: int | None = None  # the widest window of any layer (None: no layer has one)
     logit_softcap: float | None = None  # every layer's scores become cap * tanh(scores / cap) (Gemma 2)
+    # the KV cache's storage dtype when it is not `dtype` (float8_e4m3fn: stored = x / scale, read = stored * scale,
+    # with each layer's k_scale and v_scale); None: the model's dtype (EngineConfig.kv_cache_dtype "auto")
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
 
 
 class AttentionBackend(ABC):
@@ -77,6 +84,10 @@ class AttentionBackend(ABC):
     supports_sliding_window: ClassVar[bool] = True
     supports_logit_softcap: ClassVar[bool] = False
     supports_cuda_graphs: ClassVar[bool] = False  # True: implements build_graph_metadata
+    # scaled cache dtypes (AttentionSpec.kv_cache_dtype) its kernels write and read besides the model's own dtype, and
+    # why it has no others
+    kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    kv_cache_dtypes_why: ClassVar[str] = "its kernels read a KV cache in the model's dtype only"
     required_packages: ClassVar[dict[str, str]] = {}  # import name -> pip requirement
 
     @classmethod
@@ -97,6 +108,9 @@ class AttentionBackend(ABC):
             reasons.append("does not support sliding-window attention")
         if spec.logit_softcap and not cls.supports_logit_softcap:
             reasons.append("does not support attention logit soft-capping")
+        if spec.kv_cache_dtype is not None and spec.kv_cache_dtype not in cls.kv_cache_dtypes:
+            reasons.append(f"does not support kv_cache_dtype {str(spec.kv_cache_dtype).removeprefix('torch.')}: "
+                           + cls.kv_cache_dtypes_why)
         for module, requirement in cls.required_packages.items():
             if importlib.util.find_spec(module) is None:
                 reasons.append(f"needs the package {requirement!r}: pip install {requirement}")
@@ -137,6 +151,8 @@ class AttentionLayer(Protocol):
     scale: float  # the softmax scale, per model (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window: int | None  # a query sees itself and the window - 1 keys before it
     logit_softcap: float | None  # scores (after scale) become cap * tanh(scores / cap)
+    k_scale: torch.Tensor  # [1] fp32 on the device: a scaled cache (AttentionSpec.kv_cache_dtype) holds k / k_scale
+    v_scale: torch.Tensor  # [1] fp32, likewise for v; read by the kernels from the device, never as host numbers
 
 
 class DecodeGraphs(Protocol):

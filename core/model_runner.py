@@ -1,4 +1,5 @@
 """Builds one flat batch of all scheduled tokens, runs the model over the paged cache and samples."""
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -6,7 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.config import KV_CACHE_DTYPES, EngineConfig, resolve_dtype
 from llmserve.distributed import broadcast_from_first_rank, min_over_ranks, tp
 from llmserve.interfaces import BatchLayout, Platform
 from llmserve import quantization
@@ -84,8 +85,6 @@ class ModelRunner:
         model_dtype = getattr(torch, model_dtype) if isinstance(model_dtype, str) else model_dtype
         self.dtype = resolve_dtype(config.dtype, model_dtype, platform.default_dtype())
         self.quant = quantization.choose(config.quantization, hf_config, self.dtype, platform.name)
-        if config.kv_cache_dtype != "auto":  # TODO(issue 16): backends that store fp8
-            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: no attention backend stores fp8 yet")
         try:
             self.model = self.build_model(model_class(hf_config), hf_config)
             if self.quant is not None:
@@ -99,13 +98,17 @@ class ModelRunner:
                                     torch.Generator(self.device).manual_seed(config.seed))
         except torch.OutOfMemoryError:
             raise ValueError(self.weights_do_not_fit(model_class(hf_config), hf_config)) from None
-        self.spec = self.model.attention_spec(config.block_size)
+        self.spec = dataclasses.replace(self.model.attention_spec(config.block_size),
+                                        kv_cache_dtype=KV_CACHE_DTYPES[config.kv_cache_dtype])
         self.backend = select_attention_backend(config.attention_backend, self.spec, platform)(self.spec, self.device)
         platform.prepare_model(self.model)
         self.uploads = platform.host_uploads(self.device)
         self.graphs = None
         self.workers = None  # the other tensor-parallel ranks, on rank 0 (executor.Workers)
         self.num_blocks = self.allocate_kv_cache()
+        # fp8 cache scales that the checkpoint did not give: computed in the first step (Attention's docstring)
+        self.kv_scales_to_compute = ([layer for layer in self.layers() if not layer.kv_scales_known]
+                                     if self.spec.kv_cache_dtype is not None else [])
 
     def build_model(self, cls, hf_config) -> torch.nn.Module:
         default = torch.get_default_dtype()
@@ -139,7 +142,8 @@ class ModelRunner:
         layers = self.layers()
         for layer in layers:
             layer.backend = self.backend
-            layer.kv_cache = torch.zeros(self.backend.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device)
+            layer.kv_cache = torch.zeros(self.backend.kv_cache_shape(num_blocks), dtype=self.spec.cache_dtype,
+                                         device=self.device)
         starts = np.concatenate([[0], np.cumsum(blocks)])
         tables = [list(range(starts[i], starts[i + 1])) for i in range(len(lengths))]
         positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])).to(self.device)
@@ -173,7 +177,7 @@ class ModelRunner:
     def allocate_kv_cache(self) -> int:
         layers = self.layers()
         s = self.spec
-        bytes_per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize * len(layers)
+        bytes_per_block = 2 * s.block_size * s.num_kv_heads * s.head_dim * s.cache_dtype.itemsize * len(layers)
         cache_bytes = self.platform.kv_cache_bytes(self.config, self.profile_step)
         num_blocks = min_over_ranks(cache_bytes // bytes_per_block)  # one block table for all ranks
         if num_blocks < 1:
@@ -183,13 +187,13 @@ class ModelRunner:
         try:
             for layer in layers:
                 layer.backend = self.backend
-                layer.kv_cache = self.platform.zeroed_kv_cache(self.backend.kv_cache_shape(num_blocks), self.dtype,
-                                                               self.device)
+                layer.kv_cache = self.platform.zeroed_kv_cache(self.backend.kv_cache_shape(num_blocks),
+                                                               s.cache_dtype, self.device)
         except torch.OutOfMemoryError:
             raise ValueError(f"a KV cache of {num_blocks * bytes_per_block / 2**30:.1f} GiB does not fit in the GPU's "
                              f"free memory; lower kv_cache_memory_bytes or gpu_memory_utilization") from None
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, s.block_size,
-                    num_blocks * bytes_per_block / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, s.block_size,
+                    num_blocks * bytes_per_block / 2**30, str(s.cache_dtype).removeprefix("torch."))
         return num_blocks
 
     def prepare_decode(self, max_model_len: int) -> None:
@@ -215,7 +219,9 @@ class ModelRunner:
         """The step's flat batch on the host, padded up to a captured CUDA graph's size: a decode step with rows of one
         token, a step with prompt tokens with one request of the missing tokens (graph pieces)."""
         bs = self.config.block_size
-        pad_to = self.graphs.padded_size(np.array(batch.num_new_tokens)) if self.graphs else None
+        # the step that computes the KV-cache scales runs attention eagerly: in graph pieces, not a whole graph
+        whole_graph = self.graphs is not None and not self.kv_scales_to_compute
+        pad_to = self.graphs.padded_size(np.array(batch.num_new_tokens)) if whole_graph else None
         pieces = (self.graphs.padded_tokens(sum(batch.num_new_tokens)) if self.graphs and pad_to is None
                   else None)
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
@@ -276,12 +282,19 @@ class ModelRunner:
                 previous, rows = input_ids
                 continued.copy_(previous if rows is None else previous[layout.to_device(np.array(rows))])
             broadcast_from_first_rank(continued)  # the other tensor-parallel ranks' copy, queued on the device
-        if plan.graph_size is not None:
-            hidden = self.graphs.run(layout, ids, positions)
-        elif plan.piece_tokens is not None:
-            hidden = self.graphs.run_pieces(layout, ids, positions)
-        else:
-            hidden = self.model(ids, positions, self.backend.build_metadata(layout))
+        for layer in self.kv_scales_to_compute:  # the first step: real tokens first, then any padding
+            layer.compute_kv_scales_rows = int((plan.slots >= 0).sum())
+        try:
+            if plan.graph_size is not None:
+                hidden = self.graphs.run(layout, ids, positions)
+            elif plan.piece_tokens is not None:
+                hidden = self.graphs.run_pieces(layout, ids, positions)
+            else:
+                hidden = self.model(ids, positions, self.backend.build_metadata(layout))
+        finally:
+            for layer in self.kv_scales_to_compute:
+                layer.compute_kv_scales_rows = None
+        self.kv_scales_to_compute = [layer for layer in self.kv_scales_to_compute if not layer.kv_scales_known]
         logits, prompt = None, {}
         if hidden is not None:  # the last pipeline stage (or the only one)
             if plan.sample_rows:

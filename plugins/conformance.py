@@ -21,6 +21,9 @@ import torch
 from llmserve.interfaces import AttentionBackend, AttentionSpec, BatchLayout
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# an fp8 (e4m3) cache against the unquantized attention: the output's error relative to its norm (3 mantissa bits:
+# each key and value within 6.25%; the softmax and the sums over keys average most of it away)
+FP8_RELATIVE_ERROR = 0.06
 MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9)]  # (cached tokens, new tokens)
 DECODE = [(70, 1), (5, 1), (130, 1), (33, 1)]
 
@@ -62,26 +65,61 @@ def make_batch(requests, block_size: int):
 
 
 def check_backend(backend_cls, dtype, heads, kv_heads, head_dim, block_size, requests, window=None, device="cuda",
-                  configure=lambda backend: None, softcap=None, scale=None) -> None:
+                  configure=lambda backend: None, softcap=None, scale=None, kv_cache_dtype=None) -> None:
     """One step of `requests` ((cached tokens, new tokens) each) through a backend against the reference; q, k and v
-    are views into one projection output, as the models pass them. Raises AssertionError on a mismatch."""
+    are views into one projection output, as the models pass them. With `kv_cache_dtype` (fp8) the cache holds the
+    scaled values (check_scaled_cache). Raises AssertionError on a mismatch."""
     torch.manual_seed(zlib.crc32(repr((dtype, heads, kv_heads, head_dim, block_size, requests, window, softcap,
-                                       scale)).encode()))
+                                       scale, kv_cache_dtype)).encode()))
     tables, slots, num_blocks = make_batch(requests, block_size)
     tokens = sum(n for _, n in requests)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device).to(dtype)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device)
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, device=device).to(dtype)
     q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    backend = backend_cls(AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window, softcap),
+    backend = backend_cls(AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window, softcap, kv_cache_dtype),
                           torch.device(device))
     configure(backend)
     layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), tables,
                          torch.tensor(slots, dtype=torch.int64, device=device), block_size, torch.device(device))
     layer = SimpleNamespace(layer_index=0, scale=scale or head_dim**-0.5, sliding_window=window,
                             logit_softcap=softcap)
+    if kv_cache_dtype is not None:
+        return check_scaled_cache(backend, layer, q, k, v, cache, kv_cache_dtype, layout, requests)
+    cache = cache.to(dtype)
     expected = reference(q, k, v, cache, tables, requests, layer.scale, window, softcap)
     out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def quantized(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(dtype)
+
+
+def check_scaled_cache(backend, layer, q, k, v, values, cache_dtype, layout: BatchLayout, requests) -> None:
+    """The cache holds `values` (fp32) quantized with a scale for K and one for V, from their largest magnitudes (the
+    engine's rule) times a random factor; the step must (1) write its k and v as torch quantizes them, bit for bit,
+    (2) attend as the fp32 reference does over what the cache holds after the step, dequantized, within the query
+    dtype's tolerance, and (3) stay within FP8_RELATIVE_ERROR of the unquantized attention."""
+    limit = torch.finfo(cache_dtype).max
+    device = q.device
+    scales = [(torch.maximum(values[i].abs().amax(), x.abs().amax().float()) / limit
+               * torch.empty((), device=device).uniform_(1, 1.5)).reshape(1) for i, x in enumerate((k, v))]
+    layer.k_scale, layer.v_scale = scales
+    cache = torch.stack([quantized(values[i], scales[i], cache_dtype) for i in range(2)])
+    out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
+    slots, tables, tolerance = layout.slot_mapping, layout.block_tables, TOLERANCE[q.dtype]
+    for i, x in enumerate((k, v)):
+        written = cache.view(torch.uint8)[i].view(-1, *x.shape[1:])[slots]  # bytes: CPU indexing has no fp8
+        assert torch.equal(written, quantized(x, scales[i], cache_dtype).view(torch.uint8)), "the written K/V differ"
+    read = torch.stack([cache[i].float() * scales[i] for i in range(2)])  # what the cache holds, as fp32
+    new = [read[i].view(-1, *k.shape[1:])[slots] for i in range(2)]
+    expected = reference(q, *new, read, tables, requests, layer.scale, layer.sliding_window, layer.logit_softcap)
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    exact = reference(q, k, v, values.to(q.dtype), tables, requests, layer.scale, layer.sliding_window,
+                      layer.logit_softcap)
+    error = ((out.float() - exact).norm() / exact.norm()).item()
+    assert error < FP8_RELATIVE_ERROR, f"{error:.3f} of the unquantized attention's norm away from it"
 
 
 @dataclass
@@ -126,13 +164,23 @@ def kernel_cases(device: str) -> list[dict]:
                   dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, scale=0.3),
                   dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, softcap=20.0,
                        scale=0.3)]
+        fp8 = dict(dtype=dtype, heads=8, kv_heads=2, block_size=16, kv_cache_dtype=torch.float8_e4m3fn)
+        cases += [dict(fp8, head_dim=128, requests=MIXED), dict(fp8, head_dim=64, requests=DECODE),
+                  dict(fp8, head_dim=128, requests=MIXED, window=21, softcap=20.0, scale=0.3)]
     return cases
+
+
+def case_spec(case: dict) -> AttentionSpec:
+    return AttentionSpec(case["heads"], case["kv_heads"], case["head_dim"], case["dtype"], case["block_size"],
+                         case.get("window"), case.get("softcap"), case.get("kv_cache_dtype"))
 
 
 def describe(case: dict) -> str:
     dtype = str(case["dtype"]).removeprefix("torch.")
     batch = "decode" if case["requests"] is DECODE else "mixed"
     extras = "".join(f" {k}={case[k]}" for k in ("window", "softcap", "scale") if case.get(k))
+    if case.get("kv_cache_dtype"):
+        extras += f" kv_cache_dtype={str(case['kv_cache_dtype']).removeprefix('torch.')}"
     return (f"{batch} {dtype} heads {case['heads']}/{case['kv_heads']} head_dim {case['head_dim']} "
             f"block {case['block_size']}{extras}")
 
@@ -140,9 +188,7 @@ def describe(case: dict) -> str:
 def check_kernels(backend_cls: type[AttentionBackend], platform: str, device: str, progress) -> list[Outcome]:
     outcomes = Recorded(progress)
     for case in kernel_cases(device):
-        spec = AttentionSpec(case["heads"], case["kv_heads"], case["head_dim"], case["dtype"], case["block_size"],
-                             case.get("window"), case.get("softcap"))
-        reasons = backend_cls.why_unsupported(spec, platform)
+        reasons = backend_cls.why_unsupported(case_spec(case), platform)
         if reasons:
             outcomes.append(Outcome("kernels", describe(case), "refused", "; ".join(reasons)))
             continue

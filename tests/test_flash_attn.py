@@ -7,7 +7,7 @@ import torch
 from llmserve.backends import flash_attn
 from llmserve.backends.flash_attn import FlashAttnBackend, pick
 from llmserve.interfaces import AttentionSpec, BatchLayout
-from llmserve.plugins.conformance import DECODE, MIXED, check_backend, kernel_cases
+from llmserve.plugins.conformance import DECODE, MIXED, case_spec, check_backend, kernel_cases
 
 SPEC = AttentionSpec(8, 2, 128, torch.bfloat16, 16)
 
@@ -80,9 +80,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or FlashAttnBackend.why_u
 
 @gpu
 @pytest.mark.parametrize("case", [c for c in kernel_cases("cuda")
-                                  if not FlashAttnBackend.why_unsupported(
-                                      AttentionSpec(c["heads"], c["kv_heads"], c["head_dim"], c["dtype"],
-                                                    c["block_size"], c.get("window"), c.get("softcap")), "cuda")],
+                                  if not FlashAttnBackend.why_unsupported(case_spec(c), "cuda")],
                          ids=lambda c: f"{c['head_dim']}-{c['heads']}-{c['kv_heads']}-{c['block_size']}")
 def test_kernels_match_reference(case):
     check_backend(FlashAttnBackend, **case)

@@ -32,6 +32,15 @@ def test_mqa_decode_and_prefill():
     check_backend(flashinfer_backend.FlashInferBackend, torch.bfloat16, 16, 1, 128, 16, MIXED)
 
 
+@pytest.mark.parametrize("head_dim, dtype, window", [(128, torch.bfloat16, None), (64, torch.float16, 500)])
+def test_fp8_cache(head_dim, dtype, window):
+    """An fp8 cache planned as FlashInfer's kv_data_type, the layer's device scales applied around its kernels
+    (check_scaled_cache: written as torch quantizes, read as the fp32 reference over the dequantized cache)."""
+    for block_size, requests in [(16, MIXED), (32, DECODE)]:
+        check_backend(flashinfer_backend.FlashInferBackend, dtype, 32, 8, head_dim, block_size, requests, window,
+                      kv_cache_dtype=torch.float8_e4m3fn)
+
+
 def run(folder, backend: str, **engine_args):
     llm = LLM(model=str(folder), dtype="bfloat16", skip_tokenizer_init=True, max_num_batched_tokens=128,
               max_num_seqs=8, attention_backend=backend, **engine_args)
@@ -44,11 +53,13 @@ def run(folder, backend: str, **engine_args):
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
-def test_engine_matches_triton_attn(tmp_path, architecture, eager):
+@pytest.mark.parametrize("architecture, kv_cache_dtype", [("llama", "auto"), ("qwen3", "auto"), ("llama", "fp8")])
+def test_engine_matches_triton_attn(tmp_path, architecture, kv_cache_dtype, eager):
+    """With an fp8 cache both compute the scales from their first step (the same tokens) and share the write kernel."""
     save_random(tiny(architecture), tmp_path)
-    expected = run(tmp_path, "TRITON_ATTN")
-    for prompt, ours, theirs in zip(PROMPTS, run(tmp_path, "FLASHINFER", enforce_eager=eager), expected):
+    expected = run(tmp_path, "TRITON_ATTN", kv_cache_dtype=kv_cache_dtype)
+    for prompt, ours, theirs in zip(PROMPTS, run(tmp_path, "FLASHINFER", enforce_eager=eager,
+                                                 kv_cache_dtype=kv_cache_dtype), expected):
         for token, mine, reference in zip(prompt[1:], ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
             assert abs(mine[token].logprob - reference[token].logprob) < 0.1
         assert_same_greedy_up_to_near_tie(ours.outputs[0], theirs.outputs[0])

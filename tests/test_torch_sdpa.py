@@ -21,3 +21,13 @@ def test_matches_reference(window, softcap, scale, heads, kv_heads, head_dim):
 def test_half_precision_on_the_cpu_matches_reference(dtype, heads, kv_heads, head_dim):
     """Decode rows (computed in fp32 on the CPU) and prefill chunks, in bf16 and fp16."""
     check_backend(TorchSdpaBackend, dtype, heads, kv_heads, head_dim, 16, MIXED, None, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window, softcap, scale", [(None, None, None), (21, 2.0, 0.3)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (3, 1, 96)])
+def test_fp8_cache(dtype, window, softcap, scale, heads, kv_heads, head_dim):
+    """Written scaled in fp8 as torch converts, read back with the scale (check_scaled_cache): prefill chunks and the
+    decode rows the CPU computes in fp32."""
+    check_backend(TorchSdpaBackend, dtype, heads, kv_heads, head_dim, 16, MIXED, window, "cpu", softcap=softcap,
+                  scale=scale, kv_cache_dtype=torch.float8_e4m3fn)

@@ -163,3 +163,56 @@ def test_rocm_attn_is_refused_off_rocm():
     assert RocmAttnBackend.why_unsupported(spec, "cpu") == ["runs on rocm, not on the cpu platform"]
     assert RocmAttnBackend.why_unsupported(spec, "cuda") == ["runs on rocm, not on the cuda platform"]
     assert RocmAttnBackend.why_unsupported(spec, "rocm") == []
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("case", ["mixed-gqa-fp32", "mixed-gqa-bf16-split", "decode-mqa-split", "window-softcap",
+                                  "head-96-fp16"])
+def test_fp8_cache(device, case):
+    """An fp8 cache with a scale for K and one for V (check_scaled_cache): the write kernel stores what torch's
+    quantization gives, bit for bit; the attention kernel, decode and prefill, matches the fp32 reference over the
+    dequantized cache and stays within fp8's error of the unquantized attention. In the interpreter the write kernel
+    rounds to the e4m3 grid itself (round_to_e4m3: the interpreter's own conversion drops a carry)."""
+    heads, kv_heads = (32, 8) if GPU else (4, 2)
+    bf16 = torch.bfloat16
+    {"mixed-gqa-fp32": lambda: run_case(torch.float32 if not GPU else bf16, heads, kv_heads, 64, 16, scaled(MIXED),
+                                        kv_cache_dtype=FP8),
+     "mixed-gqa-bf16-split": lambda: run_case(bf16, heads, kv_heads, 128, 32, scaled(MIXED), segments=2,
+                                              kv_cache_dtype=FP8),
+     "decode-mqa-split": lambda: run_case(bf16, heads, 1, 128, 16, scaled(DECODE), segments=4, kv_cache_dtype=FP8),
+     "window-softcap": lambda: run_case(bf16, heads, kv_heads, 64, 16, scaled([(45, 30), (80, 1), (0, 40)]),
+                                        window=21 * SCALE, softcap=2.0, scale=0.3, kv_cache_dtype=FP8),
+     "head-96-fp16": lambda: run_case(torch.float16, heads, kv_heads, 96, 16, scaled(MIXED),
+                                      kv_cache_dtype=FP8)}[case]()
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_write_kv_fp8_rounds_and_saturates_as_torch(device):
+    """Round to nearest even at every binade (ties, a mantissa that carries into the next power of two, subnormals)
+    and saturation at +-448 times the scale, against torch's conversion."""
+    kv_heads, head_dim = 2, 16
+    ties = [1.0625, 1.1875, -1.0625, 127.4, 127.9, -240.5, 0.001, 0.00293, 5e-4, 0.0, 447.0, 464.0, 1e6, -1e6, 300.0,
+            2.0 ** -10]
+    k = torch.tensor(ties, device=DEVICE).repeat(kv_heads, 1)[None].repeat(3, 1, 1)
+    v = torch.randn(3, kv_heads, head_dim, device=DEVICE) * 50
+    cache = torch.zeros(2, 2, 16, kv_heads, head_dim, dtype=FP8, device=DEVICE)
+    slots = torch.tensor([3, -1, 20], device=DEVICE)
+    for k_scale in (1.0, 0.37):
+        scales = torch.tensor([k_scale], device=DEVICE), torch.tensor([0.11], device=DEVICE)
+        write_kv(k, v, cache, slots, *scales)
+        for i, x in enumerate((k, v)):
+            expected = (x[[0, 2]] / scales[i]).clamp(-448, 448).to(FP8).view(torch.uint8)
+            assert torch.equal(cache.view(torch.uint8)[i].view(-1, kv_heads, head_dim)[[3, 20]], expected)
+    assert cache.view(torch.uint8)[:, 0, 1].eq(0).all()  # slot -1 is not written
+
+
+def test_fp8_cache_is_refused_where_triton_cannot_run_it():
+    spec = AttentionSpec(8, 2, 128, torch.bfloat16, 16, kv_cache_dtype=FP8)
+    assert TritonAttnBackend.why_unsupported(spec, "rocm") == [
+        "does not support kv_cache_dtype float8_e4m3fn on ROCm: untested there (MI300's own fp8 is e4m3fnuz)"]
+    assert RocmAttnBackend.why_unsupported(spec, "rocm") == TritonAttnBackend.why_unsupported(spec, "rocm")
+    if GPU and torch.cuda.get_device_capability() >= (8, 9):
+        assert TritonAttnBackend.why_unsupported(spec, "cuda") == []
