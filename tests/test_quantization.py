@@ -130,3 +130,34 @@ def test_quantized_checkpoints_split_over_two_ranks_as_on_one(float_checkpoint, 
         assert one.outputs[0].token_ids == two.outputs[0].token_ids
         for a, b, token in zip(one.outputs[0].logprobs, two.outputs[0].logprobs, one.outputs[0].token_ids):
             assert a[token].logprob == pytest.approx(b[token].logprob, **tolerance)
+
+
+@pytest.mark.parametrize("naming", ["self_attn.{}_scale", "self_attn.{}_proj.output_scale"])
+def test_kv_cache_scales_from_the_checkpoint(float_checkpoint, tmp_path, naming):
+    """compressed-tensors' kv_cache_scheme (`self_attn.k_scale`) and earlier fp8 checkpoints (`k_proj.output_scale`):
+    the fp8 cache uses them instead of computing its own; a k scale without its v scale is an error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmserve.models.layers import Attention
+
+    folder = tmp_path / "scaled"
+    shutil.copytree(float_checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for layer in range(2):
+        for which, value in (("k", 0.03 + layer), ("v", 0.02 + layer)):
+            tensors[f"model.layers.{layer}." + naming.format(which)] = torch.tensor(value)
+    save_file(tensors, folder / "model.safetensors")
+    llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", kv_cache_dtype="fp8")
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
+    assert [(round(a.k_scale.item(), 6), round(a.v_scale.item(), 6), a.kv_scales_known) for a in layers] == \
+        [(0.03, 0.02, True), (1.03, 1.02, True)]
+    assert llm.engine.runner.kv_scales_to_compute == []
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert layers[0].k_scale.item() == pytest.approx(0.03)  # not recomputed in the first step
+    llm.engine.shutdown()
+    del tensors["model.layers.1." + naming.format("v")]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"KV-cache scales under 'model\.layers\.1\.self_attn' \(\['k'\]\): expected"):
+        LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", kv_cache_dtype="fp8")

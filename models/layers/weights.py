@@ -4,6 +4,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from llmserve.models.layers.attention import Attention
 from llmserve.models.layers.pipeline import MissingLayer
 
 # checkpoint projection -> (our merged parameter, shard index): q/k/v and gate/up are stacked into one matmul
@@ -23,9 +24,13 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     missing_shards: list[str] = []
     model_name = type(model).__name__
     elsewhere = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MissingLayer))
+    kv_scales: dict[str, dict[str, torch.Tensor]] = {}  # attention module -> its fp8 KV-cache scales ("k", "v")
     for name, tensor in weights:
         if elsewhere and name.startswith(elsewhere):
             continue  # a layer of another pipeline stage
+        if (scale := kv_cache_scale(name)) is not None:
+            kv_scales.setdefault(scale[0], {})[scale[1]] = tensor
+            continue
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
         if proj in stacked:
@@ -65,7 +70,24 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         loaded.add(name)
         if absent:
             missing_shards.append(f"{name} (no {', '.join(absent)})")
+    for module_path, scales in kv_scales.items():
+        attention = next((m for m in model.get_submodule(module_path).modules() if isinstance(m, Attention)), None)
+        if attention is None or len(scales) != 2:
+            raise ValueError(f"checkpoint KV-cache scales under {module_path!r} ({sorted(scales)}): expected a k and a "
+                             f"v scale of an attention layer of {model_name}")
+        attention.set_kv_scales(scales["k"], scales["v"])
     missing = missing_shards + [name for name in dict(model.named_parameters()) if name not in loaded]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameters of {model_name}: {shown}")
+
+
+def kv_cache_scale(name: str) -> tuple[str, str] | None:
+    """(the attention module, "k" or "v") of a checkpoint's fp8 KV-cache scale: `self_attn.k_scale` (compressed-tensors'
+    kv_cache_scheme) or `self_attn.k_proj.output_scale` (earlier fp8 checkpoints); None for any other tensor."""
+    parts = name.split(".")
+    if parts[-1] in ("k_scale", "v_scale"):
+        return ".".join(parts[:-1]), parts[-1][0]
+    if parts[-1] == "output_scale" and len(parts) > 2 and parts[-2] in ("k_proj", "v_proj"):
+        return ".".join(parts[:-2]), parts[-2][0]
+    return None
