@@ -49,9 +49,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size  # a MoE model's shared expert has its own
         self.act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")  # Gemma's name
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=getattr(config, "mlp_bias", False),
                                          what="intermediate size")
@@ -67,7 +67,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attention_cls(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = self.build_mlp(config, layer_index)
+
+    @staticmethod
+    def build_mlp(config, layer_index: int) -> nn.Module:
+        """The layer's feed-forward block (a MoE model's: experts, or a dense MLP on the layers its config says)."""
+        return LlamaMLP(config)
 
     def forward(self, rope, x, residual, attn_metadata):
         if residual is None:
@@ -80,11 +85,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    decoder_layer_cls = LlamaDecoderLayer  # a subclass's layer (e.g. a MoE model's, with its own feed-forward block)
+
     def __init__(self, config, attention_cls: type[LlamaAttention]) -> None:
         super().__init__()
         self.embed_tokens = embedding_for_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
                                                 getattr(config, "tie_word_embeddings", False))
-        self.layers = stage_layer_list(config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i, attention_cls))
+        self.layers = stage_layer_list(config.num_hidden_layers,
+                                       lambda i: self.decoder_layer_cls(config, i, attention_cls))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         attn = present(self.layers)[0].self_attn
         self.rotary = RotaryEmbedding(attn.head_dim, config.max_position_embeddings, rope_parameters(config))

@@ -54,7 +54,17 @@ def quantized_layers(model: nn.Module, method: QuantizationMethod) -> list[tuple
 
 
 def prepare(model: nn.Module, method: QuantizationMethod) -> None:
-    """Give each quantized layer the method's parameters, before the checkpoint is loaded."""
+    """Give each quantized layer the method's parameters, before the checkpoint is loaded. A mixture of experts'
+    experts have no quantized path yet: a quantized checkpoint's are refused, and fp8 at load leaves them as they are
+    (said in the log)."""
+    from llmserve.models.layers.moe import FusedExperts
+
+    if any(isinstance(m, FusedExperts) for m in model.modules()):
+        if not method.quantizes_at_load:
+            raise ValueError(f"quantization {method.name!r}: {type(model).__name__}'s experts have no quantized path "
+                             "yet; serve the model's float checkpoint (with --quantization fp8 for its other layers)")
+        logger.warning("quantization %s: the experts stay in %s (no quantized path for them yet); attention and dense "
+                       "layers are quantized", method.name, str(method.dtype).removeprefix("torch."))
     layers = quantized_layers(model, method)
     for _, layer in layers:
         layer.quant = method

@@ -1,0 +1,241 @@
+"""Mixture-of-experts models and kernels: Mixtral, Qwen2-MoE and Qwen3-MoE on random weights against HF transformers
+(greedy tokens and logprobs); the fused Triton MoE kernel against a float64 reference (in Triton's interpreter
+without CUDA, compiled with it); the plain grouped path too; a checkpoint missing an expert tensor is refused, naming
+it; tensor parallelism of the experts equals one rank. With CUDA, the kernel at Qwen3-30B-A3B's and Mixtral-8x7B's
+layer shapes against the plain path."""
+import os
+
+import pytest
+import torch
+from conftest import RANDOM_MODEL_MAX_TOKENS, RANDOM_MODEL_PROMPTS, greedy, hf_greedy, hf_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
+
+from llmserve import LLM, SamplingParams  # noqa: E402
+from llmserve.models.layers.moe import grouped_experts, route  # noqa: E402
+from llmserve.plugins.conformance import save_random_checkpoint  # noqa: E402
+
+SMALL = dict(vocab_size=5000, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512, num_experts_per_tok=2)
+
+
+def mixtral_config(**overrides):
+    from transformers import MixtralConfig
+
+    args = SMALL | dict(intermediate_size=96, num_hidden_layers=2, num_local_experts=4,
+                        architectures=["MixtralForCausalLM"])
+    return MixtralConfig(**(args | overrides))
+
+
+def qwen2_moe_config(**overrides):
+    from transformers import Qwen2MoeConfig
+
+    # layer 1 dense (mlp_only_layers); a shared expert on the sparse ones; top-k weights not renormalised
+    args = SMALL | dict(intermediate_size=112, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                        num_hidden_layers=3, num_experts=8, mlp_only_layers=[1],
+                        architectures=["Qwen2MoeForCausalLM"])
+    return Qwen2MoeConfig(**(args | overrides))
+
+
+def qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    # head_dim 32 != 64 / 4; layer 0 dense; renormalised top-k as in Qwen3-30B-A3B
+    args = SMALL | dict(intermediate_size=112, moe_intermediate_size=48, num_hidden_layers=3, num_experts=8,
+                        head_dim=32, mlp_only_layers=[0], norm_topk_prob=True, architectures=["Qwen3MoeForCausalLM"])
+    return Qwen3MoeConfig(**(args | overrides))
+
+
+def generate(folder, **engine_args):
+    llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20,
+              **engine_args)
+    params = [greedy(n, logprobs=1) for n in RANDOM_MODEL_MAX_TOKENS]
+    outputs = llm.generate(RANDOM_MODEL_PROMPTS, params, use_tqdm=False)
+    llm.engine.shutdown()
+    return outputs
+
+
+@pytest.mark.parametrize("config", [
+    # the 90-token prompt crosses the 16-token window of every layer
+    pytest.param(lambda: mixtral_config(sliding_window=16), id="mixtral-window"),
+    pytest.param(lambda: qwen2_moe_config(), id="qwen2-moe-shared-expert"),
+    # renormalised top-3, experts on every second layer only
+    pytest.param(lambda: qwen2_moe_config(norm_topk_prob=True, num_experts_per_tok=3, decoder_sparse_step=2,
+                                          mlp_only_layers=[]), id="qwen2-moe-sparse-step"),
+    pytest.param(lambda: qwen3_moe_config(), id="qwen3-moe"),
+    # not renormalised, top-1, a window on every layer (HF's Qwen3-MoE rule), q/k/v/o biases
+    pytest.param(lambda: qwen3_moe_config(norm_topk_prob=False, num_experts_per_tok=1, use_sliding_window=True,
+                                          sliding_window=16, attention_bias=True), id="qwen3-moe-window-top1"),
+])
+def test_matches_hf(tmp_path, config):
+    """A mixed batch (prompts of 5 to 90 tokens, each its own max_tokens): HF's greedy tokens, logprobs within 1e-3."""
+    save_random_checkpoint(config(), tmp_path, layer_norms_near_one=True)
+    ours = generate(tmp_path)
+    reference = hf_reference(tmp_path)
+    for prompt, n, out in zip(RANDOM_MODEL_PROMPTS, RANDOM_MODEL_MAX_TOKENS, ours):
+        tokens, logprobs = hf_greedy(reference, prompt, n)
+        assert out.outputs[0].token_ids == tokens, f"prompt of {len(prompt)} tokens"
+        ours_logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+        assert ours_logprobs == pytest.approx(logprobs, abs=1e-3)
+
+
+def test_qwen2_moe_layers(tmp_path):
+    """Dense MLP on mlp_only_layers, experts with a shared expert elsewhere; expert stacks of HF's layout."""
+    from llmserve.models.layers.moe import SparseMoeBlock
+    from llmserve.models.llama import LlamaMLP
+    from llmserve.models.qwen_moe import Qwen2MoeForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2MoeForCausalLM(qwen2_moe_config(), torch.float32)
+    first, dense, last = (layer.mlp for layer in model.model.layers)
+    assert isinstance(first, SparseMoeBlock) and isinstance(dense, LlamaMLP) and isinstance(last, SparseMoeBlock)
+    assert first.experts.gate_up_proj.shape == (8, 96, 64) and first.experts.down_proj.shape == (8, 64, 48)
+    assert first.shared_expert.gate_up_proj.weight.shape == (160, 64)
+
+
+def checkpoint_tensors(config, folder) -> dict:
+    from safetensors.torch import load_file
+
+    save_random_checkpoint(config, folder)
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.parametrize("config, absent", [
+    (qwen3_moe_config, "model.layers.2.mlp.experts.5.up_proj.weight"),
+    (mixtral_config, "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+])
+def test_missing_expert_tensor_is_named(tmp_path, config, absent):
+    from llmserve.plugins.select import model_class
+
+    hf_config = config()
+    tensors = checkpoint_tensors(hf_config, tmp_path)
+    del tensors[absent]
+    model = model_class(hf_config)(hf_config, torch.float32)
+    with pytest.raises(ValueError, match=f"no tensor for 1 expert weights of .*: {absent}$"):
+        model.load_weights(iter(tensors.items()))
+
+
+def test_expert_tensor_of_wrong_shape_is_named(tmp_path):
+    from llmserve.models.qwen_moe import Qwen3MoeForCausalLM
+
+    tensors = checkpoint_tensors(qwen3_moe_config(), tmp_path)
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    tensors[name] = tensors[name][:, :32]
+    with pytest.raises(ValueError, match=f"{name}.*shape \\(48, 32\\), expected \\(48, 64\\)"):
+        Qwen3MoeForCausalLM(qwen3_moe_config(), torch.float32).load_weights(iter(tensors.items()))
+
+
+def test_quantized_experts_are_refused_and_fp8_at_load_leaves_them_as_they_are(tmp_path, caplog):
+    import json
+
+    config = qwen3_moe_config()
+    save_random_checkpoint(config, tmp_path)
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", quantization="fp8")
+    layer = llm.engine.runner.model.model.layers[1]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.mlp.experts.gate_up_proj.dtype == torch.float32
+    assert "the experts stay in float32" in caplog.text
+    llm.engine.shutdown()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="^quantization 'gptq': Qwen3MoeForCausalLM's experts have no quantized path"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.device_count() < 2, reason="needs 2 GPUs on a CUDA machine")
+def test_experts_split_over_two_ranks_equal_one(tmp_path):
+    """Each expert's intermediate dim (and the shared expert's) split over 2 ranks, one all-reduce per block: TP=1's
+    tokens and logprobs."""
+    save_random_checkpoint(qwen2_moe_config(), tmp_path, layer_norms_near_one=True)
+    split, whole = generate(tmp_path, tensor_parallel_size=2), generate(tmp_path)
+    for a, b in zip(split, whole):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y, token in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert x[token].logprob == pytest.approx(y[token].logprob, abs=1e-3)
+
+
+def reference_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
+    """The experts in float64, one einsum per step over each token's picked experts' weights."""
+    x, gate_up, down, weights = x.double(), gate_up.double(), down.double(), weights.double()
+    gate, up = torch.einsum("th,tkih->tki", x, gate_up[ids]).chunk(2, dim=-1)
+    return torch.einsum("tk,tkhi,tki->th", weights, down[ids], torch.nn.functional.silu(gate) * up)
+
+
+def random_experts(tokens, experts, top_k, hidden, size, renormalize, dtype, device=DEVICE):
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    gate_up = torch.randn(experts, 2 * size, hidden, device=device, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, size, device=device, dtype=dtype) / size**0.5
+    weights, ids = route(torch.randn(tokens, experts, device=device), top_k, renormalize)
+    return x, gate_up, down, weights, ids
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("tokens, experts, top_k, renormalize", [
+    (1, 4, 2, True), (1, 8, 1, False), (5, 8, 2, False), (13, 4, 1, True), (40, 4, 2, True), (140, 4, 2, False),
+])
+def test_triton_kernel_matches_float64(dtype, tokens, experts, top_k, renormalize):
+    """Hidden 96 and intermediate 40 (not multiples of the tiles: masked edges); 40 and 140 tokens x 2 over 4
+    experts take the 32- and 64-row tiles."""
+    pytest.importorskip("triton")
+    from llmserve.models.layers import triton_moe
+
+    torch.manual_seed(tokens * 100 + experts * 10 + top_k)
+    args = random_experts(tokens, experts, top_k, 96, 40, renormalize, dtype)
+    out = triton_moe.fused_experts(*args)
+    assert out.dtype == dtype and out.shape == (tokens, 96)
+    torch.testing.assert_close(out.double().cpu(), reference_moe(*(a.cpu() for a in args)),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", [(1, 4, 2), (6, 8, 1), (30, 8, 2)])
+def test_grouped_path_matches_float64(tokens, experts, top_k):
+    torch.manual_seed(tokens)
+    args = random_experts(tokens, experts, top_k, 64, 48, True, torch.float32, "cpu")
+    torch.testing.assert_close(grouped_experts(*args).double(), reference_moe(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_alignment_pads_each_expert_to_the_block():
+    from llmserve.models.layers.triton_moe import align_by_expert
+
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2]])  # expert 0: pairs 1, 4; expert 2: 0, 2, 5; expert 3: 3
+    sorted_pairs, block_expert, padded = align_by_expert(ids, 4, 4)
+    assert padded.tolist() == [12]
+    assert sorted_pairs[:12].tolist() == [1, 4, 6, 6, 0, 2, 5, 6, 3, 6, 6, 6]
+    assert block_expert[:3].tolist() == [0, 2, 3]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hidden, size, experts, top_k", [(2048, 768, 128, 8), (4096, 14336, 8, 2)],
+                         ids=["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("tokens", [1, 8, 64, 512])
+def test_triton_kernel_at_real_shapes(hidden, size, experts, top_k, tokens):
+    """bf16 kernel against the plain grouped path in fp32 on the same weights: relative error of bf16's order."""
+    from llmserve.models.layers import triton_moe
+
+    torch.manual_seed(tokens)
+    x, gate_up, down, weights, ids = random_experts(tokens, experts, top_k, hidden, size, True, torch.bfloat16)
+    out = triton_moe.fused_experts(x, gate_up, down, weights, ids).float()
+    expected = grouped_experts(x.float(), gate_up.float(), down.float(), weights, ids)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("config", ["MixtralConfig", "Qwen2MoeConfig", "Qwen3MoeConfig"])
+def test_default_configs_build_with_hf_parameter_counts(config):
+    """transformers' default configs (Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B shapes), shapes only."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from llmserve.plugins.select import model_class
+
+    hf_config = getattr(transformers, config)()
+    hf_config.architectures = [config.replace("Config", "ForCausalLM")]
+    with torch.device("meta"):
+        ours = model_class(hf_config)(hf_config, torch.bfloat16)
+        reference = AutoModelForCausalLM.from_config(hf_config)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
