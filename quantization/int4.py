@@ -4,7 +4,9 @@ Both formats become one layout, output rows first: `qweight` [out, in/8] int32 (
 feature 8w + j in bits 4j..4j+3), `scales` and `zeros` [out, groups] (the zero point itself, 0..16), and for GPTQ
 `g_idx` [in], the group of each input feature (act-order checkpoints permute them). A weight is
 (q - zero[group]) * scale[group]. On the CPU the weights are dequantized once at load to the model's dtype (then packed
-for oneDNN like any float weight): the plain path. On the GPU the multiplication dequantizes tile by tile.
+for oneDNN like any float weight): the plain path. On the GPU the layout stays as loaded and a Triton kernel
+(triton_int4.py) dequantizes tile by tile inside the product; `g_idx` is kept only where it permutes the groups
+(act-order), else dropped at load (the kernel then reads group k // group_size, one scale per packed word).
 """
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch import nn
 
 from llmserve.interfaces import QuantizationMethod
 from llmserve.plugins import hookimpl
+from llmserve.quantization import triton_int4
 
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's packing: nibble i of a word holds column 8c + AWQ_ORDER[i]
@@ -106,7 +109,7 @@ class Int4Method(QuantizationMethod):
         return kind == "g_idx"
 
     def groups(self, layer: nn.Module) -> torch.Tensor:
-        if self.has_g_idx:
+        if hasattr(layer, "g_idx"):
             return layer.g_idx.long()
         columns = layer.qweight.shape[1] * 8
         return torch.arange(columns, device=layer.qweight.device) // (self.group_size if self.group_size > 0
@@ -128,13 +131,31 @@ class Int4Method(QuantizationMethod):
                     delattr(layer, kind)
             layer.weight = nn.Parameter(weight, requires_grad=False)
             layer.quant = None
+        elif self.has_g_idx:
+            self.drop_ordered_g_idx(layer)
+
+    def drop_ordered_g_idx(self, layer: nn.Module) -> None:
+        """Without act-order, g_idx numbers runs of group_size features: keep this rank's columns of scales and
+        qzeros and drop g_idx, so that the kernel reads group k // group_size without a gather."""
+        g_idx, columns = layer.g_idx.long(), layer.qweight.shape[1] * 8
+        size = self.group_size if self.group_size > 0 else columns
+        first = int(g_idx[0])
+        if columns % size or not torch.equal(g_idx, first + torch.arange(columns, device=g_idx.device) // size):
+            return  # act-order (or a rank's slice starting inside a group): the kernel gathers by g_idx
+        for kind in ("scales", "qzeros"):
+            part = getattr(layer, kind)[:, first:first + columns // size].contiguous()
+            setattr(layer, kind, nn.Parameter(part, requires_grad=False))
+        del layer.g_idx
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = dequantize(layer.qweight, layer.scales, layer.qzeros, self.groups(layer), x.dtype)
-        return F.linear(x, weight, bias)
+        if not triton_int4.triton_installed():  # correct, slow: the whole weight dequantized every call
+            weight = dequantize(layer.qweight, layer.scales, layer.qzeros, self.groups(layer), x.dtype)
+            return F.linear(x, weight, bias)
+        return triton_int4.int4_linear(x, layer.qweight, layer.scales, layer.qzeros, getattr(layer, "g_idx", None),
+                                       bias)
 
     def describe(self) -> str:
-        where = "dequantized at load (CPU)" if self.platform == "cpu" else "dequantized in the GEMM"
+        where = "dequantized at load (CPU)" if self.platform == "cpu" else "dequantized in a Triton GEMM"
         return f"{self.name}: 4-bit weights, groups of {self.group_size}, {where}"
 
 
