@@ -1,13 +1,24 @@
 """CPU_ATTN (opt-in: `--attention-backend CPU_ATTN`): decode rows go through a C++ kernel that reads each request's keys and values
-straight from the paged cache (no gather into a padded copy, no conversion of the whole context to fp32: half
-precision is widened a vector at a time), one task per (request, KV head) across torch's threads; prefill rows take
-TORCH_SDPA's padded groups.
+straight from the paged cache (no gather into a padded copy, no conversion of the whole context to fp32); prefill rows
+take TORCH_SDPA's padded groups.
 
-The kernel is compiled when the backend is first built in a process, for this machine (`-march=native`: AVX-512,
-AVX2 or what the CPU has; cached by torch under ~/.cache/torch_extensions, about 30 s the first time). Not yet the
-CPU's default: its loops rely on the compiler's vectorization, and on a 2-core AVX2 machine the end-to-end
-throughput stayed level with TORCH_SDPA's (docs/benchmarks.md); explicit SIMD over whole blocks and a vectorized exp
-are what it needs next.
+The kernel, per decode row (long rows, when there are too few rows for the threads, cut into chunks of blocks merged
+after), walks the row's blocks a tile of up to 16 keys at a time with an online softmax, keys and values of a tile read
+while hot in cache:
+- scores: for each KV head, its query heads up to 4 at a time against a few keys at a time, each key vector loaded
+  (bf16 widened by a shift, fp16 by F16C) once for those heads, into one vector register per (head, key); 8 (AVX2) or
+  16 (AVX-512) such dot products are then summed across lanes at once by a transposing tree of adds;
+- softmax: a polynomial exp over whole vectors; the running max is moved (and what was summed so far rescaled) only
+  when a score passes it by 8, so most tiles take no horizontal max, no rescale and no scalar exp;
+- values: each value vector loaded once and added into register accumulators of those query heads;
+- the next tile's keys and values prefetched in memory order, a few lines between each step of the current one;
+- tasks handed out to torch's threads one at a time (at::parallel_for, built with OpenMP).
+Explicit AVX2/FMA/F16C code, AVX-512 where the compiler targets it (`-march=native`: picked by the compiler's macros),
+and portable loops elsewhere (other CPUs, or head sizes not a multiple of the vector width); fp32 accumulation always.
+
+The kernel is compiled when the backend is first built in a process, for this machine (cached by torch under
+~/.cache/torch_extensions, about 40 s the first time). Not yet the CPU's default. benchmarks/cpu_attn_kernel.py times
+it against TORCH_SDPA's decode path and in GB/s of K/V read.
 """
 import functools
 import logging
@@ -27,79 +38,539 @@ logger = logging.getLogger(__name__)
 KERNEL = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cfloat>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CPU_ATTN_AVX2 1
+#if defined(__AVX512F__)
+#define CPU_ATTN_AVX512 1
+#endif
+#endif
 
+namespace {
+
+constexpr int TILE = 16;               // keys per online-softmax step: a block of 16, or a part of a block
+constexpr float RESCALE_AT = 8.f;      // the running max is moved only when a score passes it by this (e^8 < 3000)
+constexpr float EXP_MIN = -87.33654f;  // e^x underflows the normal floats below this: taken as 0
+constexpr float EXP_MAX = 88.f;
+constexpr float LOG2E = 1.44269504089f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+
+inline float from_bits(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 template <typename T> inline float widen(T x) { return static_cast<float>(x); }
-template <> inline float widen<at::BFloat16>(at::BFloat16 x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);  // bf16 is the top half of an fp32
+template <> inline float widen<at::BFloat16>(at::BFloat16 x) { return from_bits(static_cast<uint32_t>(x.x) << 16); }
+
+// e^x: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to r^6 (relative error < 2e-7), times 2^n made in
+// the exponent bits; x below -87.3 (-inf and NaN included) gives 0. The vector versions below take the same steps.
+inline float exp_approx(float x) {
+  const float c = std::min(std::max(x, EXP_MIN), EXP_MAX);
+  const float n = (c * LOG2E + 12582912.f) - 12582912.f;  // round to nearest by the 1.5 * 2^23 trick
+  const float r = (c - n * LN2_HI) - n * LN2_LO;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
+  const float scale = from_bits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return x >= EXP_MIN ? p * scale : 0.f;  // NaN and -inf: 0
 }
 
+// Portable vectors of N floats: plain loops, which the compiler vectorizes for the CPU at hand (NEON, SSE, ...).
+// N = 8 serves head sizes that are a multiple of 8 on CPUs without AVX2, N = 1 any head size.
+template <int N>
+struct Generic {
+  static constexpr int W = N;
+  struct V { float v[N]; };
+  static V zero() { return set1(0.f); }
+  static V set1(float x) { V r; for (int i = 0; i < N; ++i) r.v[i] = x; return r; }
+  template <typename T> static V load(const T* p) { V r; for (int i = 0; i < N; ++i) r.v[i] = widen(p[i]); return r; }
+  static void store(float* p, V a) { for (int i = 0; i < N; ++i) p[i] = a.v[i]; }
+  static V fma(V a, V b, V c) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i]; return r; }
+  static V mul(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
+  static V add(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
+  static V sub(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] - b.v[i]; return r; }
+  static bool any_greater(V a, V b) { bool r = false; for (int i = 0; i < N; ++i) r |= a.v[i] > b.v[i]; return r; }
+  static V sums(const V* a) {  // lane k: the sum of a[k]'s lanes
+    V r;
+    for (int k = 0; k < N; ++k) r.v[k] = hsum(a[k]);
+    return r;
+  }
+  static float hsum(V a) { float s = 0.f; for (int i = 0; i < N; ++i) s += a.v[i]; return s; }
+  static V exp(V a) { V r; for (int i = 0; i < N; ++i) r.v[i] = exp_approx(a.v[i]); return r; }
+  // -inf in the lanes from `used` on, and in those whose key (lane % keys_per_head) is `limit` or more.
+  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
+    for (int i = 0; i < N; ++i) if (i >= used || i % keys_per_head >= limit) a.v[i] = -INFINITY;
+    return a;
+  }
+  static V keep(V a) { return a; }
+  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+};
+
+#ifdef CPU_ATTN_AVX2
+struct Avx2 {
+  static constexpr int W = 8;
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {  // bf16 is the top half of an fp32: zero-extend to 32 bits, shift up
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static bool any_greater(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
+  // Lane k: the sum of a[k]'s 8 lanes: 8 horizontal sums at once (a transpose by pairwise adds).
+  static V sums(const V* a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 low halves | high halves]
+    return _mm256_add_ps(_mm256_blend_ps(u0, u1, 0xF0), _mm256_permute2f128_ps(u0, u1, 0x21));
+  }
+  static V exp(V x) {
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)), _mm256_set1_ps(EXP_MAX));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), c);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_GE_OQ);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+  }
+  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i key = _mm256_and_si256(lane, _mm256_set1_epi32(keys_per_head - 1));
+    const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(limit), key),
+                                          _mm256_cmpgt_epi32(_mm256_set1_epi32(used), lane));
+    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), a, _mm256_castsi256_ps(keep));
+  }
+  static V keep(V a) { asm("" : "+x"(a)); return a; }  // a register, not folded into each use as a memory operand
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+#endif
+
+#ifdef CPU_ATTN_AVX512
+struct Avx512 {
+  static constexpr int W = 16;
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {  // as _mm512_cvtpbh_ps does it
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static bool any_greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+  // Lane k: the sum of a[k]'s 16 lanes. Each step adds pairs of halves while interleaving two vectors' halves, so
+  // that 16 vectors become 8, 4, 2, 1; a last permutation puts the sums in order.
+  static V sums(const V* a) {
+    V b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // 256-bit halves: [a_i | a_i+8], each 8 partial sums
+      b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+    for (int i = 0; i < 4; ++i)  // 128-bit quarters: [a_i, a_i+8, a_i+4, a_i+12], 4 partial sums each
+      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], 0x88), _mm512_shuffle_f32x4(b[i], b[i + 4], 0xDD));
+    for (int i = 0; i < 2; ++i)  // in each quarter q: [key(c_i, q) x2, key(c_i+2, q) x2]
+      d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[i], c[i + 2], 0x44), _mm512_shuffle_ps(c[i], c[i + 2], 0xEE));
+    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+    // e holds the sums of a0 a2 a1 a3, a8 a10 a9 a11, a4 a6 a5 a7, a12 a14 a13 a15
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(order, e);
+  }
+  static V exp(V x) {
+    const __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), c);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_GE_OQ);
+    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
+  }
+  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i key = _mm512_and_si512(lane, _mm512_set1_epi32(keys_per_head - 1));
+    const __mmask16 keep = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(limit), key) &
+                           _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(used), lane);
+    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), a);
+  }
+  static V keep(V a) { asm("" : "+v"(a)); return a; }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+#endif
+
+struct Task {
+  int64_t row, begin, end;  // keys [begin, end) of this row, for all its heads
+  int64_t partial;          // -1: the task has the row's whole window and writes the output; else its slot
+};
+
 template <typename T>
-void decode(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
-            const torch::Tensor& tokens, const torch::Tensor& block_table, const torch::Tensor& seq_lens, float scale,
-            int64_t sliding_window) {
-  const int64_t rows = tokens.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2), group = heads / kv_heads;
-  const int64_t q_token = q.stride(0), q_head = q.stride(1), o_token = out.stride(0), o_head = out.stride(1);
-  const int64_t cache_block = key_cache.stride(0), cache_slot = key_cache.stride(1);
-  const int64_t table_row = block_table.stride(0);
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const T* kp = key_cache.data_ptr<T>();
-  const T* vp = value_cache.data_ptr<T>();
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  const int64_t* table = block_table.data_ptr<int64_t>();
+struct Problem {
+  const T *q, *k, *v;
+  T* out;
+  const int64_t *tokens, *table;
+  int64_t dim, group, kv_heads, block_size, cache_block, cache_slot, q_token, q_head, o_token, o_head, table_row;
+  float scale;
+};
+
+// Calls fn(first head, heads) for the query heads of one KV head taken up to 4 at a time (one at a time on scalars).
+template <int W, class F>
+inline void head_groups(int64_t G, F&& fn) {
+  if constexpr (W == 1) {
+    for (int64_t g = 0; g < G; ++g) fn(g, std::integral_constant<int, 1>());
+  } else {
+    int64_t g = 0;
+    for (; G - g > 4 || G - g == 4; g += 4) fn(g, std::integral_constant<int, 4>());
+    if (G - g == 3) fn(g, std::integral_constant<int, 3>());
+    else if (G - g == 2) fn(g, std::integral_constant<int, 2>());
+    else if (G - g == 1) fn(g, std::integral_constant<int, 1>());
+  }
+}
+
+// Keys per head in one vector of scores for GT heads: W / GT rounded down to a power of 2 (lanes j * KT + k).
+template <int W, int GT>
+constexpr int keys_per_head() { return GT == 1 ? W : GT == 2 ? W / 2 : W / 4; }
+
+// The next tile's keys and values (all KV heads: one stretch of the cache each), prefetched a few lines at a time in
+// memory order between the steps of the current tile (its score blocks and its value rows), so that the loads overlap
+// the arithmetic rather than stall it in one burst.
+template <class S>
+struct Ahead {
+  const char *k = nullptr, *v = nullptr;
+  int64_t at = 0, end = 0, step = 1;
+  void some() {
+    for (int64_t i = 0; i < step && at < end; ++i, at += 64) {
+      S::prefetch(k + at);
+      S::prefetch(v + at);
+    }
+  }
+};
+
+// One task: a row's keys [begin, end), online softmax a tile (at most TILE keys of one block) at a time. For each KV
+// head of the tile, its query heads in groups of GT (up to 4): the scores of GT heads x KT keys in W accumulators
+// (each key vector loaded and widened once for the GT heads), summed across lanes all at once; a tile's scores are
+// checked against the running maxima (moved only when passed by RESCALE_AT, the accumulators then rescaled),
+// exponentiated, and summed lane-wise; then the values are added, each value vector loaded once for the GT heads.
+template <class S, typename T>
+struct Worker {
+  using V = typename S::V;
+  static constexpr int W = S::W;
+  const Problem<T>& p;
+  const int64_t G, H, D;
+  std::vector<float> buf;
+  float *query, *acc, *keys, *probs, *limits, *refs, *lsums, *top, *sum;
+  int64_t calls_per_tile = 0;  // Ahead::some() calls for a full tile
+
+  explicit Worker(const Problem<T>& p) : p(p), G(p.group), H(p.group * p.kv_heads), D(p.dim) {
+    buf.resize(2 * H * D + TILE * D + 4 * TILE + 2 * H * W + 2 * H + 64);
+    query = buf.data(); acc = query + H * D; keys = acc + H * D; probs = keys + TILE * D; refs = probs + 4 * TILE;
+    lsums = refs + H * W; top = lsums + H * W; sum = top + H;
+    head_groups<W>(G, [&](int64_t, auto gt) {  // a call per score block and per value row
+      calls_per_tile += TILE / keys_per_head<W, decltype(gt)::value>() + TILE;
+    });
+    calls_per_tile *= p.kv_heads;
+  }
+
+  // Scores of heads g0.. g0+GT-1 (queries at q) against KT keys (rows at `rows`, `stride` apart): lane j * KT + k =
+  // q_j . key k (lanes past GT * KT: 0).
+  template <int GT, typename K>
+  V dots(const float* q, const K* rows, int64_t stride) {
+    constexpr int KT = keys_per_head<W, GT>();
+    V a[W];
+    for (int i = 0; i < W; ++i) a[i] = S::zero();
+    for (int64_t d = 0; d < D; d += W) {
+      V qv[GT];
+      for (int j = 0; j < GT; ++j) qv[j] = S::load(q + j * D + d);
+      for (int k = 0; k < KT; ++k) {
+        const V x = GT > 1 ? S::keep(S::load(rows + k * stride + d)) : S::load(rows + k * stride + d);
+        for (int j = 0; j < GT; ++j) a[j * KT + k] = S::fma(qv[j], x, a[j * KT + k]);
+      }
+    }
+    return S::sums(a);
+  }
+
+  // acc[heads] += probs x values, for the n keys at `values` (rows cache_slot apart), UD vectors of the head size at
+  // a time from d on; the rest with UD / 2, ...
+  template <int GT, int UD>
+  void add_values(const T* values, int n, float* a0, int64_t d, Ahead<S>& ahead) {
+    constexpr int KT = keys_per_head<W, GT>();
+    const int64_t stride = p.cache_slot;
+    for (; d + UD * W <= D; d += UD * W) {
+      V a[GT][UD];
+      for (int j = 0; j < GT; ++j)
+        for (int u = 0; u < UD; ++u) a[j][u] = S::load(a0 + j * D + d + u * W);
+      const T* row = values + d;
+      for (int i = 0; i < n; ++i, row += stride) {
+        if (d == 0) ahead.some();  // once for each key of the tile
+        V x[UD];
+        for (int u = 0; u < UD; ++u) x[u] = GT > 1 ? S::keep(S::load(row + u * W)) : S::load(row + u * W);
+        const float* pi = probs + (i / KT) * W + (i % KT);
+        for (int j = 0; j < GT; ++j) {
+          const V pj = S::set1(pi[j * KT]);
+          for (int u = 0; u < UD; ++u) a[j][u] = S::fma(pj, x[u], a[j][u]);
+        }
+      }
+      for (int j = 0; j < GT; ++j)
+        for (int u = 0; u < UD; ++u) S::store(a0 + j * D + d + u * W, a[j][u]);
+    }
+    if constexpr (UD > 1) if (d < D) add_values<GT, UD / 2>(values, n, a0, d, ahead);
+  }
+
+  // Moves the running maxima of heads h0.. h0+GT-1 up to this tile's (scores sc), rescaling what was summed so far.
+  template <int GT>
+  void raise(const V* sc, int blocks, int64_t h0) {
+    constexpr int KT = keys_per_head<W, GT>();
+    float lanes[TILE / KT * W];
+    for (int b = 0; b < blocks; ++b) S::store(lanes + b * W, sc[b]);
+    float* ref = refs + h0 * W;
+    float* lsum = lsums + h0 * W;
+    for (int j = 0; j < GT; ++j) {
+      float m = ref[j * KT];
+      for (int b = 0; b < blocks; ++b)
+        for (int k = 0; k < KT; ++k) m = std::max(m, lanes[b * W + j * KT + k]);
+      if (!(m > ref[j * KT])) continue;
+      const float shrink = exp_approx(ref[j * KT] - m);  // 0 the first time (from -inf)
+      float* a = acc + (h0 + j) * D;
+      for (int64_t d = 0; d < D; ++d) a[d] *= shrink;
+      for (int k = 0; k < KT; ++k) {
+        lsum[j * KT + k] *= shrink;
+        ref[j * KT + k] = m;
+      }
+    }
+  }
+
+  template <int GT, typename K>
+  void group_tile(const K* krows, int64_t kstride, const T* vbase, int n, int64_t h0, Ahead<S>& ahead) {
+    constexpr int KT = keys_per_head<W, GT>();
+    const int blocks = (n + KT - 1) / KT;
+    V sc[TILE / KT];
+    const V limit = S::add(S::load(refs + h0 * W), S::set1(RESCALE_AT));
+    bool grow = false;
+    for (int b = 0; b < blocks; ++b) {
+      sc[b] = dots<GT>(query + h0 * D, krows + b * KT * kstride, kstride);
+      if ((b + 1) * KT > n || GT * KT < W) sc[b] = S::mask_lanes(sc[b], KT, n - b * KT, GT * KT);
+      grow |= S::any_greater(sc[b], limit);
+      ahead.some();
+    }
+    if (grow) raise<GT>(sc, blocks, h0);
+    const V ref = S::load(refs + h0 * W);
+    V lsum = S::load(lsums + h0 * W);
+    for (int b = 0; b < blocks; ++b) {
+      const V e = S::exp(S::sub(sc[b], ref));  // lanes masked above: 0
+      S::store(probs + b * W, e);
+      lsum = S::add(lsum, e);
+    }
+    S::store(lsums + h0 * W, lsum);
+    constexpr int UD = GT == 1 ? 8 : (W == 8 ? (GT == 2 ? 4 : 2) : (GT == 2 ? 8 : 4));  // GT * UD accumulators
+    add_values<GT, UD>(vbase, n, acc + h0 * D, 0, ahead);
+  }
+
+  // One tile of KV head h: n keys at kbase, kbase + cache_slot, ...; values likewise.
+  void tile(const T* kbase, const T* vbase, int n, int64_t h, Ahead<S>& ahead) {
+    if (n % W == 0) {  // the keys straight from the cache (widened as loaded)
+      head_groups<W>(G, [&](int64_t g0, auto gt) {
+        group_tile<decltype(gt)::value>(kbase, p.cache_slot, vbase, n, h * G + g0, ahead);
+      });
+      return;
+    }
+    // a part of a block: its keys padded with zero keys to whole vectors of keys (their scores are masked)
+    for (int i = 0; i < n; ++i)
+      for (int64_t d = 0; d < D; d += W) S::store(keys + i * D + d, S::load(kbase + i * p.cache_slot + d));
+    for (int i = n; i < (n + W - 1) / W * W; ++i)
+      for (int64_t d = 0; d < D; d += W) S::store(keys + i * D + d, S::zero());
+    head_groups<W>(G, [&](int64_t g0, auto gt) {
+      group_tile<decltype(gt)::value>(static_cast<const float*>(keys), D, vbase, n, h * G + g0, ahead);
+    });
+  }
+
+  // Runs a task; leaves the unnormalized accumulators, max and sum of each head in acc, top, sum.
+  void run(const Task& t) {
+    const int64_t bs = p.block_size, token = p.tokens[t.row];
+    const int64_t* blocks = p.table + t.row * p.table_row;
+    for (int64_t h = 0; h < H; ++h) {
+      const T* src = p.q + token * p.q_token + h * p.q_head;
+      for (int64_t d = 0; d < D; d += W) S::store(query + h * D + d, S::mul(S::load(src + d), S::set1(p.scale)));
+    }
+    std::fill(acc, acc + H * D, 0.f);
+    std::fill(refs, refs + H * W, -INFINITY);
+    std::fill(lsums, lsums + H * W, 0.f);
+    auto where = [&](int64_t pos, int64_t& offset, int& n) {
+      const int64_t slot = pos % bs;
+      offset = blocks[pos / bs] * p.cache_block + slot * p.cache_slot;
+      n = static_cast<int>(std::min<int64_t>({TILE, bs - slot, t.end - pos}));
+    };
+    int64_t offset = 0, next_offset = 0;
+    int n = 0, next_n = 0;
+    Ahead<S> ahead;
+    if (t.begin < t.end) {
+      where(t.begin, offset, n);
+      ahead.k = reinterpret_cast<const char*>(p.k + offset);  // the first tile at once
+      ahead.v = reinterpret_cast<const char*>(p.v + offset);
+      ahead.end = ((n - 1) * p.cache_slot + p.kv_heads * D) * static_cast<int64_t>(sizeof(T));
+      ahead.step = ahead.end;
+      ahead.some();
+    }
+    for (int64_t pos = t.begin; pos < t.end; pos += n, offset = next_offset, n = next_n) {
+      ahead.at = ahead.end = 0;
+      if (pos + n < t.end) {
+        where(pos + n, next_offset, next_n);
+        ahead.k = reinterpret_cast<const char*>(p.k + next_offset);
+        ahead.v = reinterpret_cast<const char*>(p.v + next_offset);
+        ahead.end = ((next_n - 1) * p.cache_slot + p.kv_heads * D) * static_cast<int64_t>(sizeof(T));
+        ahead.step = std::max<int64_t>(1, ((ahead.end + 63) / 64 + calls_per_tile - 1) / calls_per_tile);
+      }
+      for (int64_t h = 0; h < p.kv_heads; ++h) tile(p.k + offset + h * D, p.v + offset + h * D, n, h, ahead);
+    }
+    for (int64_t h = 0; h < p.kv_heads; ++h)  // per head: its reference max, and its sum gathered from its lanes
+      head_groups<W>(G, [&](int64_t g0, auto gt) {
+        constexpr int GT = decltype(gt)::value, KT = keys_per_head<W, GT>();
+        const int64_t h0 = h * G + g0;
+        for (int j = 0; j < GT; ++j) {
+          top[h0 + j] = refs[h0 * W + j * KT];
+          float s = 0.f;
+          for (int k = 0; k < KT; ++k) s += lsums[h0 * W + j * KT + k];
+          sum[h0 + j] = s;
+        }
+      });
+  }
+
+  void write(int64_t row) {
+    T* dst = p.out + p.tokens[row] * p.o_token;
+    for (int64_t h = 0; h < H; ++h) {
+      const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;  // no keys (an empty window): zeros
+      for (int64_t d = 0; d < D; ++d) dst[h * p.o_head + d] = static_cast<T>(acc[h * D + d] * inv);
+    }
+  }
+};
+
+template <class S, typename T>
+void decode(const Problem<T>& p, const torch::Tensor& seq_lens, int64_t rows, int64_t sliding_window) {
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * dim), acc(group * dim), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / kv_heads, kv_head = task % kv_heads, token = tok[row], length = lens[row];
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, length - sliding_window) : 0;
-      const int64_t* blocks = table + row * table_row;
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = qp + token * q_token + (kv_head * group + g) * q_head;
-        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = widen(src[d]) * scale;
-      }
-      scores.assign(group * (length - first), 0.f);
-      for (int64_t t = first; t < length; ++t) {
-        const T* key = kp + blocks[t / block_size] * cache_block + (t % block_size) * cache_slot + kv_head * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = query.data() + g * dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += qg[d] * widen(key[d]);
-          scores[g * (length - first) + (t - first)] = dot;
-        }
-      }
-      std::vector<float> total(group, 0.f);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * (length - first);
-        const int64_t n = length - first;
-        float top = -FLT_MAX, sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) top = std::max(top, s[i]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) { s[i] = std::exp(s[i] - top); sum += s[i]; }
-        total[g] = sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = first; t < length; ++t) {
-        const T* value = vp + blocks[t / block_size] * cache_block + (t % block_size) * cache_slot + kv_head * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * (length - first) + (t - first)];
-          float* ag = acc.data() + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) ag[d] += w * widen(value[d]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = op + token * o_token + (kv_head * group + g) * o_head;
-        const float inv = 1.f / total[g];
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(acc[g * dim + d] * inv);
+  const int64_t H = p.group * p.kv_heads, D = p.dim, bs = p.block_size;
+  const int64_t slot_size = 2 * H + H * D;  // a partial result: max, sum, accumulators
+  auto first_key = [&](int64_t r) { return sliding_window > 0 ? std::max<int64_t>(0, lens[r] - sliding_window) : 0; };
+  // Rows with long windows are cut into chunks of whole blocks when there are too few rows to keep every thread
+  // busy: each chunk's max, sum and accumulators are merged after. Chunks of at least 256 keys, ~8 per thread in all.
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += lens[r] - first_key(r);
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk = std::max<int64_t>(256, (total + 8 * threads - 1) / (8 * threads));
+  chunk = (chunk + bs - 1) / bs * bs;
+  std::vector<Task> tasks;
+  std::vector<std::pair<int64_t, int64_t>> merged;  // (first task, task count) of each split row
+  int64_t partials = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t length = lens[r], first = first_key(r);
+    if (length - first <= chunk) {
+      tasks.push_back({r, first, length, -1});
+      continue;
+    }
+    const int64_t start = static_cast<int64_t>(tasks.size());
+    for (int64_t b = first / bs * bs; b < length; b += chunk)
+      tasks.push_back({r, std::max(b, first), std::min(b + chunk, length), partials++});
+    merged.push_back({start, static_cast<int64_t>(tasks.size()) - start});
+  }
+  std::vector<float> part(partials * slot_size);
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {  // tasks handed out one at a time
+    Worker<S, T> w(p);
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const Task& t = tasks[i];
+      w.run(t);
+      if (t.partial < 0) {
+        w.write(t.row);
+      } else {
+        float* slot = part.data() + t.partial * slot_size;
+        std::copy(w.top, w.top + H, slot);
+        std::copy(w.sum, w.sum + H, slot + H);
+        std::copy(w.acc, w.acc + H * D, slot + 2 * H);
       }
     }
   });
+  at::parallel_for(0, static_cast<int64_t>(merged.size()), 1, [&](int64_t begin, int64_t end) {
+    Worker<S, T> w(p);
+    for (int64_t m = begin; m < end; ++m) {
+      const auto [first, n] = merged[m];
+      for (int64_t h = 0; h < H; ++h) {
+        float top = -INFINITY, total = 0.f;
+        for (int64_t c = 0; c < n; ++c) top = std::max(top, part[tasks[first + c].partial * slot_size + h]);
+        std::fill(w.acc + h * D, w.acc + (h + 1) * D, 0.f);
+        for (int64_t c = 0; c < n; ++c) {
+          const float* slot = part.data() + tasks[first + c].partial * slot_size;
+          const float f = exp_approx(slot[h] - top);
+          total += f * slot[H + h];
+          for (int64_t d = 0; d < D; ++d) w.acc[h * D + d] += f * slot[2 * H + h * D + d];
+        }
+        w.sum[h] = total;
+      }
+      w.write(tasks[first].row);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const Problem<T>& p, const torch::Tensor& seq_lens, int64_t rows, int64_t window) {
+#ifdef CPU_ATTN_AVX512
+  if (p.dim % 16 == 0) return decode<Avx512, T>(p, seq_lens, rows, window);
+#endif
+#ifdef CPU_ATTN_AVX2
+  if (p.dim % 8 == 0) return decode<Avx2, T>(p, seq_lens, rows, window);
+#else
+  if (p.dim % 8 == 0) return decode<Generic<8>, T>(p, seq_lens, rows, window);
+#endif
+  decode<Generic<1>, T>(p, seq_lens, rows, window);
+}
+
+template <typename T>
+void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+         const torch::Tensor& tokens, const torch::Tensor& block_table, const torch::Tensor& seq_lens, double scale,
+         int64_t sliding_window) {
+  Problem<T> p;
+  p.q = q.data_ptr<T>(); p.k = key_cache.data_ptr<T>(); p.v = value_cache.data_ptr<T>(); p.out = out.data_ptr<T>();
+  p.tokens = tokens.data_ptr<int64_t>(); p.table = block_table.data_ptr<int64_t>();
+  p.dim = q.size(2); p.kv_heads = key_cache.size(2); p.group = q.size(1) / p.kv_heads; p.block_size = key_cache.size(1);
+  p.cache_block = key_cache.stride(0); p.cache_slot = key_cache.stride(1);
+  p.q_token = q.stride(0); p.q_head = q.stride(1); p.o_token = out.stride(0); p.o_head = out.stride(1);
+  p.table_row = block_table.stride(0);
+  p.scale = static_cast<float>(scale);
+  dispatch<T>(p, seq_lens, tokens.size(0), sliding_window);
+}
+
+}  // namespace
+
+const char* isa() {
+#if defined(CPU_ATTN_AVX512)
+  return "avx512";
+#elif defined(CPU_ATTN_AVX2)
+  return "avx2";
+#else
+  return "generic";
+#endif
 }
 
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
@@ -107,12 +578,18 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor key_cache, t
                   int64_t sliding_window) {
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "paged_decode: the head dimension must be contiguous");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && key_cache.scalar_type() == q.scalar_type() &&
+              value_cache.scalar_type() == q.scalar_type(), "paged_decode: q, out and the caches must share a dtype");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes() && q.size(2) == key_cache.size(3) &&
+              q.size(1) % key_cache.size(2) == 0, "paged_decode: shapes do not match");
+  TORCH_CHECK(tokens.size(0) == seq_lens.size(0) && block_table.size(0) == tokens.size(0) &&
+              block_table.stride(1) == 1, "paged_decode: tokens, block_table and seq_lens must have a row each");
   if (q.scalar_type() == at::kFloat) {
-    decode<float>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
+    run<float>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
   } else if (q.scalar_type() == at::kBFloat16) {
-    decode<at::BFloat16>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
+    run<at::BFloat16>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
   } else if (q.scalar_type() == at::kHalf) {
-    decode<at::Half>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
+    run<at::Half>(out, q, key_cache, value_cache, tokens, block_table, seq_lens, scale, sliding_window);
   } else {
     TORCH_CHECK(false, "paged_decode: unsupported dtype ", q.scalar_type());
   }
@@ -125,15 +602,18 @@ def kernel():
     """The compiled module, or the error that kept it from compiling."""
     from torch.utils.cpp_extension import load_inline
 
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
     try:
-        module = load_inline("llmserve_cpu_attn", cpp_sources=KERNEL, functions=["paged_decode"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno",
-                                                "-fno-trapping-math"],
-                             extra_ldflags=["-lmvec"], verbose=False)
+        try:  # OpenMP: at::parallel_for in an extension runs on torch's threads only when built with it
+            return load_inline("llmserve_cpu_attn", cpp_sources=KERNEL, functions=["paged_decode", "isa"],
+                               extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # a compiler without OpenMP (Apple's clang): one thread
+            logger.warning("CPU_ATTN's kernel did not build with OpenMP (%s); building it single-threaded", e)
+            return load_inline("llmserve_cpu_attn_serial", cpp_sources=KERNEL, functions=["paged_decode", "isa"],
+                               extra_cflags=flags, verbose=False)
     except Exception as e:  # no compiler, no ninja, no Python headers: TORCH_SDPA does the work instead
         logger.warning("CPU_ATTN's C++ kernel did not build (%s: %s); falling back", type(e).__name__, e)
         return e
-    return module
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """CPU_ATTN (a C++ decode kernel over the paged cache; prefill rows through SDPA) against the plain fp32 paged-attention
-reference, on the CPU, at several shapes, block sizes, windows and dtypes; and the engine with it against TORCH_SDPA."""
+reference, on the CPU, at several shapes, block sizes, windows and dtypes; the kernel alone against a float64
+reference at the edges of its vector code (lengths that are not whole tiles, windows inside a block, head sizes that
+its AVX2 / AVX-512 paths take or leave to the portable one, GQA groups it takes 1 to 4 at a time, long rows cut into
+chunks); and the engine with it against TORCH_SDPA."""
+import zlib
+
 import pytest
 import torch
 from llmserve.plugins.conformance import check_backend
@@ -26,6 +31,85 @@ def test_matches_reference(window, heads, kv_heads, head_dim, requests):
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 128)])
 def test_half_precision_matches_reference(dtype, block_size, heads, kv_heads, head_dim):
     check_backend(CpuAttnBackend, dtype, heads, kv_heads, head_dim, block_size, MIXED + DECODE, None, "cpu")
+
+
+def decode_float64(q, key_cache, value_cache, tokens, block_table, seq_lens, scale, window):
+    """Each decode row's query over its visible keys, read through its block table, in float64."""
+    block_size, group = key_cache.shape[1], q.shape[1] // key_cache.shape[2]
+    out = {}
+    for row, (token, length) in enumerate(zip(tokens.tolist(), seq_lens.tolist())):
+        pos = torch.arange(max(0, length - window) if window else 0, length)
+        blocks = block_table[row, pos // block_size]
+        keys = key_cache[blocks, pos % block_size].double().repeat_interleave(group, 1)
+        values = value_cache[blocks, pos % block_size].double().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,khd->hk", q[token].double(), keys) * scale
+        out[token] = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+    return out
+
+
+def run_kernel(dtype, heads, kv_heads, head_dim, block_size, lengths, window, q_scale=1.0):
+    """The kernel on random rows of `lengths` keys (block tables from a shuffled pool, queries as views with a head
+    stride, rows in a shuffled order of the flat tokens) beside the float64 reference."""
+    blocks = [-(-n // block_size) for n in lengths]
+    pool = torch.randperm(sum(blocks) + 2)
+    table = torch.zeros(len(lengths), max(blocks), dtype=torch.int64)
+    for row, start in enumerate(torch.tensor([0] + blocks).cumsum(0)[:-1].tolist()):
+        table[row, :blocks[row]] = pool[start:start + blocks[row]]
+    key_cache = torch.randn(len(pool), block_size, kv_heads, head_dim).to(dtype)
+    value_cache = torch.randn(len(pool), block_size, kv_heads, head_dim).to(dtype)
+    qkv = (torch.randn(len(lengths) + 1, heads + 2 * kv_heads, head_dim) * q_scale).to(dtype)
+    q = qkv[:, :heads]
+    tokens = torch.randperm(len(lengths) + 1)[:len(lengths)]
+    seq_lens = torch.tensor(lengths, dtype=torch.int64)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    kernel().paged_decode(out, q, key_cache, value_cache, tokens, table, seq_lens, scale, window or 0)
+    expected = decode_float64(q, key_cache, value_cache, tokens, table, seq_lens, scale, window)
+    return {t: out[t] for t in expected}, expected
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # half precision: the output's rounding
+LENGTHS = [1, 7, 8, 15, 16, 17, 33, 100, 515]
+
+
+@pytest.mark.parametrize("window", [None, 5, 21])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 128), (8, 1, 80), (14, 2, 72), (6, 2, 20)],
+                         ids=["group3-d64", "group1-d128", "group8-d80", "group7-d72", "group3-d20"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_matches_float64(dtype, heads, kv_heads, head_dim, block_size, window):
+    torch.manual_seed(zlib.crc32(repr((dtype, heads, head_dim, block_size, window)).encode()))
+    out, expected = run_kernel(dtype, heads, kv_heads, head_dim, block_size, LENGTHS, window)
+    for token in expected:
+        torch.testing.assert_close(out[token].double(), expected[token], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lengths, window", [([3000], None), ([2900, 3], 1000), ([4100, 600, 17], None)],
+                         ids=["one-row", "window", "mixed"])
+def test_long_rows_cut_into_chunks(lengths, window, threads):
+    """Few long rows: cut into chunks of blocks across the threads, merged after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(len(lengths) + threads)
+        for dtype in (torch.float32, torch.bfloat16):
+            out, expected = run_kernel(dtype, 8, 2, 64, 16, lengths, window)
+            for token in expected:
+                torch.testing.assert_close(out[token].double(), expected[token], atol=TOLERANCE[dtype],
+                                           rtol=TOLERANCE[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_scores(dtype):
+    """Scores spread over hundreds: the running max moves often (the accumulators rescaled), most weights underflow."""
+    torch.manual_seed(7)
+    out, expected = run_kernel(dtype, 6, 2, 64, 16, [1, 40, 333, 2000], None, q_scale=40.0)
+    for token in expected:
+        torch.testing.assert_close(out[token].double(), expected[token], atol=TOLERANCE[dtype] * 4,
+                                   rtol=TOLERANCE[dtype] * 4)
 
 
 def test_the_engine_with_it_equals_torch_sdpa(llm):
