@@ -146,15 +146,12 @@ class CompressedTensorsMethod(Fp8Method):
     quantizes_at_load = False
 
     @staticmethod
-    def weights_scheme(quant_config: dict) -> dict:
-        groups = quant_config.get("config_groups") or {}
-        schemes = [group.get("weights") or {} for group in groups.values()]
-        return schemes[0] if schemes else {}
+    def weight_schemes(quant_config: dict) -> list[dict]:
+        return [group.get("weights") or {} for group in (quant_config.get("config_groups") or {}).values()]
 
     @classmethod
     def why_unsupported(cls, quant_config: dict, dtype: torch.dtype, platform: str) -> list[str]:
-        groups = quant_config.get("config_groups") or {}
-        schemes = [group.get("weights") or {} for group in groups.values()]
+        schemes = cls.weight_schemes(quant_config)
         reasons = []
         if len(schemes) != 1:
             reasons.append(f"{len(schemes)} config groups; llmserve reads checkpoints with one")
@@ -166,13 +163,9 @@ class CompressedTensorsMethod(Fp8Method):
 
     @staticmethod
     def weight_block(quant_config: dict) -> tuple[int, int] | None:
-        scheme = CompressedTensorsMethod.weights_scheme(quant_config)
+        scheme = (CompressedTensorsMethod.weight_schemes(quant_config) or [{}])[0]
         block = scheme.get("block_structure") if scheme.get("strategy") == "block" else None
         return tuple(block) if block else None
-
-    @staticmethod
-    def ignored_modules(quant_config: dict) -> list[str]:
-        return [name.removeprefix("re:") for name in quant_config.get("ignore") or []]
 
     @staticmethod
     def has_input_scales(quant_config: dict) -> bool:
