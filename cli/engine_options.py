@@ -47,6 +47,8 @@ HELP = {
                     "lists the methods.",
     "kv_cache_dtype": "The KV cache's dtype: auto (the model's) or fp8 (e4m3 with a scale per layer: twice the "
                       "tokens in the same memory).",
+    "enable_expert_parallel": "Mixture-of-experts models: each tensor-parallel rank holds whole experts (a share of "
+                              "them) instead of a slice of every expert.",
     "tensor_parallel_size": "Ranks to split every layer over (one process and one device each; the CPU splits its "
                             "cores).",
 }
@@ -83,6 +85,7 @@ ENGINE_PARAMETERS = [
     option("max_logprobs", int), option("tensor_parallel_size", int, aliases=("-tp",)),
     option("pipeline_parallel_size", int, aliases=("-pp",)), option("distributed_executor_backend", Optional[str]),
     option("quantization", Optional[str], aliases=("-q",)), option("kv_cache_dtype", str),
+    option("enable_expert_parallel", bool),
 ] + [vllm_option(name, annotation) for name, annotation in VLLM_OPTIONS.items()]
 LOG_LEVEL = inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, default="info", annotation=Annotated[
     str, typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)}.", rich_help_panel="Engine")])

@@ -64,6 +64,9 @@ class EngineConfig:
     # machine's GPUs, else mp
     distributed_executor_backend: str | None = None
     pipeline_parallel_size: int = 1
+    # a mixture of experts' experts split whole over the tensor-parallel ranks (E / ranks each) instead of each
+    # expert's weights split over them
+    enable_expert_parallel: bool = False
     disable_log_stats: bool = False  # llmserve logs no periodic statistics: True and False both hold
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ class ParallelState:
     size: int = 1  # tensor_parallel_size
     stage: int = 0
     stages: int = 1  # pipeline_parallel_size
+    expert_parallel: bool = False  # enable_expert_parallel: experts split whole over the stage's ranks
 
     @property
     def first_stage(self) -> bool:
@@ -60,7 +61,7 @@ def assume(state: ParallelState):
 
 
 def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
-         backend: str) -> None:
+         backend: str, expert_parallel: bool = False) -> None:
     """Join the world of tp_size * pp_size ranks (one per device) as `global_rank`, and the groups of each stage;
     `backend` is the platform's (NCCL on CUDA devices, gloo on the CPU)."""
     global _state, _tp_group, _cpu_group
@@ -71,7 +72,7 @@ def init(global_rank: int, tp_size: int, pp_size: int, init_method: str, device:
         if stage == global_rank // tp_size:
             _tp_group = group
     _cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    _state = ParallelState(global_rank % tp_size, tp_size, global_rank // tp_size, pp_size)
+    _state = ParallelState(global_rank % tp_size, tp_size, global_rank // tp_size, pp_size, expert_parallel)
 
 
 def shutdown() -> None:

@@ -38,11 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_fits(model_cls, hf_config, tp_size: int, pp_size: int) -> None:
+def check_fits(model_cls, hf_config, config: EngineConfig) -> None:
     """Build the model on the meta device as rank 0 would: a size that does not divide its heads (or whatever else
     its layers split), or more stages than layers, raises the layers' own ValueError before any worker starts."""
-    with distributed.assume(distributed.ParallelState(0, tp_size, 0, pp_size)), torch.device("meta"):
-        model_cls(hf_config, torch.float32)
+    state = distributed.ParallelState(0, config.tensor_parallel_size, 0, config.pipeline_parallel_size,
+                                      config.enable_expert_parallel)
+    with distributed.assume(state), torch.device("meta"):
+        model = model_cls(hf_config, torch.float32)
+    from llmserve.models.layers.moe import FusedExperts
+
+    if config.enable_expert_parallel and not any(isinstance(m, FusedExperts) for m in model.modules()):
+        logger.warning("enable_expert_parallel: %s has no experts; its layers split over the ranks as usual",
+                       model_cls.__name__)
 
 
 class Workers:
@@ -56,13 +63,13 @@ class Workers:
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         self.size = tp_size * pp_size
         self.in_flight: list[tuple[list, tuple]] = []  # plan sends not yet done, with their buffers
-        check_fits(model_class(hf_config), hf_config, tp_size, pp_size)
+        check_fits(model_class(hf_config), hf_config, config)
         self.platform = platform
         self.graphs: list = []  # rank 0's DecodeGraphs, released before the process group
         init_method = f"tcp://{self.host}:{free_port()}"
         self.start(config, model_path, init_method)
         distributed.init(0, tp_size, pp_size, init_method, platform.bind_rank(0, self.size),
-                         platform.distributed_backend)
+                         platform.distributed_backend, config.enable_expert_parallel)
 
     def start(self, config: EngineConfig, model_path: str, init_method: str) -> None:
         raise NotImplementedError
@@ -272,7 +279,7 @@ def worker_main(rank: int, size: int, init_method: str, config: EngineConfig, mo
     platform = current_platform(config.device)
     device = platform.bind_rank(device_index, size)
     distributed.init(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method, device,
-                     platform.distributed_backend)
+                     platform.distributed_backend, config.enable_expert_parallel)
     try:
         hf_config = load_hf_config(model_path)
         runner = ModelRunner(config, model_path, hf_config, platform, device)

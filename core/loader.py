@@ -63,6 +63,7 @@ def convert_gguf(path: str) -> str:
     source, name = os.path.dirname(path), os.path.basename(path)
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=name)
+        read_expert_sizes(config, path)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
         weights = dict(iter_gguf_weights(path, config))
     except Exception as e:
@@ -82,6 +83,22 @@ def convert_gguf(path: str) -> str:
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(tmp)
     return folder
+
+
+# GGUF keys of a mixture of experts' sizes that transformers' GGUF reader leaves unread (its config keeps the config
+# class's defaults: Qwen3-30B-A3B's sizes, but not those of every model)
+GGUF_EXPERT_SIZES = {"expert_feed_forward_length": "moe_intermediate_size",
+                     "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def read_expert_sizes(config, path: str) -> None:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    architecture = fields["general.architecture"].contents()
+    for key, attribute in GGUF_EXPERT_SIZES.items():
+        if (field := fields.get(f"{architecture}.{key}")) is not None and hasattr(config, attribute):
+            setattr(config, attribute, int(field.contents()))
 
 
 def causal_lm_architecture(model_type: str) -> str:
@@ -216,8 +233,10 @@ def iter_gguf_weights(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)
     tensors = parsed["tensors"]
-    # rope_freqs: llama.cpp's copy of the rope scaling that the config already describes
-    in_file = [t.name for t in gguf.GGUFReader(path).tensors if not t.name.startswith("rope_freqs")]
+    # rope_freqs: llama.cpp's copy of the rope scaling that the config already describes; ffn_up_exps: the experts'
+    # up projections, which transformers stacks with ffn_gate_exps into one gate_up_proj
+    in_file = [t.name for t in gguf.GGUFReader(path).tensors
+               if not t.name.startswith("rope_freqs") and ".ffn_up_exps." not in t.name]
     if len(tensors) < len(in_file):
         named = set(tensors)
         raise ValueError(f"GGUF file {path!r}: {len(in_file) - len(named)} of its {len(in_file)} tensors have no "

@@ -5,6 +5,7 @@ it; tensor parallelism of the experts equals one rank. With CUDA, the kernel at 
 layer shapes against the plain path."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import RANDOM_MODEL_MAX_TOKENS, RANDOM_MODEL_PROMPTS, greedy, hf_greedy, hf_reference
@@ -146,15 +147,87 @@ def test_quantized_experts_are_refused_and_fp8_at_load_leaves_them_as_they_are(t
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.device_count() < 2, reason="needs 2 GPUs on a CUDA machine")
-def test_experts_split_over_two_ranks_equal_one(tmp_path):
-    """Each expert's intermediate dim (and the shared expert's) split over 2 ranks, one all-reduce per block: TP=1's
-    tokens and logprobs."""
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["each-expert-split", "expert-parallel"])
+def test_experts_split_over_two_ranks_equal_one(tmp_path, expert_parallel):
+    """Over 2 ranks, one all-reduce per block: each expert's intermediate dim (and the shared expert's) split, or
+    with expert parallelism 4 whole experts on each rank (the shared expert still split): TP=1's tokens and
+    logprobs."""
     save_random_checkpoint(qwen2_moe_config(), tmp_path, layer_norms_near_one=True)
-    split, whole = generate(tmp_path, tensor_parallel_size=2), generate(tmp_path)
+    split = generate(tmp_path, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    whole = generate(tmp_path)
     for a, b in zip(split, whole):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y, token in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert x[token].logprob == pytest.approx(y[token].logprob, abs=1e-3)
+
+
+# our checkpoint names -> llama.cpp's, per layer
+GGUF_LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                      "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                      "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                      "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+
+
+def write_qwen3_moe_gguf(config, checkpoint, path) -> None:
+    """An f32 GGUF file as llama.cpp lays out a Qwen3-MoE model: its hyper-parameters, the experts of each layer in
+    three stacked tensors (ffn_gate_exps, ffn_up_exps [E, I, H], ffn_down_exps [E, H, I]) and the embedded model's
+    tokenizer (its vocabulary size is the config's)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from llmserve.loader import default_model_file
+
+    tensors = {n: t.float().numpy() for f in checkpoint.glob("*.safetensors") for n, t in load_file(f).items()}
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, field in gguf.GGUFReader(default_model_file()).fields.items():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+           "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        for ours, theirs in GGUF_LAYER_TENSORS.items():
+            out[f"blk.{layer}.{theirs}.weight"] = tensors.pop(f"{prefix}{ours}.weight")
+        for projection, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            out[f"blk.{layer}.ffn_{short}_exps.weight"] = np.stack(
+                [tensors.pop(f"{prefix}mlp.experts.{e}.{projection}.weight") for e in range(config.num_experts)])
+    assert not tensors, f"not written: {sorted(tensors)}"
+    for name, tensor in out.items():
+        writer.add_tensor(name, np.ascontiguousarray(tensor))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_qwen3_moe_gguf_matches_hf(tmp_path):
+    """A GGUF file's stacked experts load (transformers' GGUF reader hands them on as [E, 2I, H] and [E, H, I]), with
+    the expert size that reader leaves unread (48, not Qwen3MoeConfig's default 768): greedy tokens equal HF's on the
+    safetensors checkpoint the file was written from."""
+    pytest.importorskip("gguf")
+    config = qwen3_moe_config(vocab_size=49152, mlp_only_layers=[], tie_word_embeddings=False)
+    save_random_checkpoint(config, tmp_path / "hf", layer_norms_near_one=True)
+    write_qwen3_moe_gguf(config, tmp_path / "hf", tmp_path / "tiny-qwen3-moe.gguf")
+    ours = LLM(model=str(tmp_path / "tiny-qwen3-moe.gguf"), dtype="float32", kv_cache_memory_bytes=64 << 20)
+    outputs = ours.generate(RANDOM_MODEL_PROMPTS, [greedy(n) for n in RANDOM_MODEL_MAX_TOKENS], use_tqdm=False)
+    ours.engine.shutdown()
+    reference = hf_reference(tmp_path / "hf")
+    for prompt, n, out in zip(RANDOM_MODEL_PROMPTS, RANDOM_MODEL_MAX_TOKENS, outputs):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, n)[0]
 
 
 def reference_moe(x, gate_up, down, weights, ids) -> torch.Tensor:
@@ -198,6 +271,35 @@ def test_grouped_path_matches_float64(tokens, experts, top_k):
     torch.manual_seed(tokens)
     args = random_experts(tokens, experts, top_k, 64, 48, True, torch.float32, "cpu")
     torch.testing.assert_close(grouped_experts(*args).double(), reference_moe(*args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "grouped"])
+@pytest.mark.parametrize("tokens", [1, 7, 50])
+def test_other_ranks_experts_are_skipped(fused, tokens):
+    """Expert parallelism's ids: E means another rank's expert; those pairs add nothing, the rest as before."""
+    from llmserve.models.layers import triton_moe
+
+    torch.manual_seed(tokens)
+    dtype = torch.float32
+    x, gate_up, down, weights, ids = random_experts(tokens, 8, 2, 64, 40, True, dtype, DEVICE if fused else "cpu")
+    here = ids < 4  # this rank holds experts 0..3
+    local_ids = ids.masked_fill(~here, 4)
+    out = (triton_moe.fused_experts(x, gate_up[:4], down[:4], weights, local_ids, skips=True) if fused
+           else grouped_experts(x, gate_up[:4], down[:4], weights, local_ids))
+    expected = reference_moe(*(a.cpu() for a in (x, gate_up, down, weights * here, ids)))
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_needs_experts_divisible_by_ranks():
+    from llmserve import distributed
+    from llmserve.models.layers.moe import FusedExperts
+
+    with distributed.assume(distributed.ParallelState(0, 3, 0, 1, expert_parallel=True)), torch.device("meta"):
+        with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's 8 experts"):
+            FusedExperts(8, 64, 48)
+        experts = FusedExperts(6, 64, 48)
+    assert experts.gate_up_proj.shape == (2, 96, 64) and experts.missing() == [
+        f"{e}.{p}" for e in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
 
 
 def test_alignment_pads_each_expert_to_the_block():

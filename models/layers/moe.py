@@ -7,7 +7,9 @@ Checkpoints store one tensor per expert; `route_expert_tensors` copies them into
 
 Tensor parallelism splits each expert's intermediate dim I over the ranks, as a dense MLP's: each rank's experts give
 a partial sum of the output, and one all-reduce after the down projection adds them (with a shared expert's partial
-sum where the model has one). Expert parallelism is not built yet: see FusedExperts.
+sum where the model has one). Expert parallelism (`enable_expert_parallel`) instead gives each rank E / ranks whole
+experts: a rank computes the (token, expert) pairs of its own experts, skips the others', and the same all-reduce
+adds the ranks' sums.
 
 On the CPU the experts run as plain torch (the (token, expert) pairs sorted by expert, one matmul per expert that has
 tokens); on CUDA as the fused Triton kernels of triton_moe (no per-expert Python loop, no host sync).
@@ -40,16 +42,18 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                     ids: torch.Tensor) -> torch.Tensor:
     """sum over k of weights[t, k] * expert ids[t, k] (x[t]), in plain torch: the (token, expert) pairs sorted by
-    expert, one matmul per expert that has tokens, the results scattered back to their tokens, weighted."""
-    top_k = ids.shape[1]
+    expert, one matmul per expert that has tokens, the results scattered back to their tokens, weighted. An id of E
+    (the number of experts here) is another rank's expert: its pair is skipped."""
+    top_k, num_experts = ids.shape[1], gate_up.shape[0]
     flat = ids.flatten()
     order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()  # on the host: the loop below needs them
+    order = order[:sum(counts[:num_experts])]  # the skipped pairs sort last
     rows = order // top_k  # the token of each pair, in expert order
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()  # on the host: the loop below needs them
     picked = x[rows]
     out = torch.empty_like(picked)
     start = 0
-    for expert in (e for e, count in enumerate(counts) if count):
+    for expert in (e for e, count in enumerate(counts[:num_experts]) if count):
         part = slice(start, start + counts[expert])
         gate, up = F.linear(picked[part], gate_up[expert]).chunk(2, dim=-1)
         out[part] = F.linear(F.silu(gate) * up, down[expert])
@@ -59,25 +63,35 @@ def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
 
 
 class FusedExperts(nn.Module):
-    """E gated SiLU MLPs held as two stacked tensors, this rank's slice of each expert's intermediate dim.
-
-    Expert parallelism (`--enable-expert-parallel`, a later step) would go here: each rank holding E / ranks whole
-    experts (the stacks' first dim) instead of a slice of every one, a map from the router's expert ids to this
-    rank's (-1 for the others' experts, whose pairs the kernels skip), and the block's one all-reduce unchanged."""
+    """E gated SiLU MLPs held as two stacked tensors: this rank's slice of each expert's intermediate dim, or with
+    expert parallelism this rank's E / ranks whole experts (from `first_expert` on)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.size = split_evenly(intermediate_size, "MoE intermediate size")  # this rank's
-        self.start = tp().rank * self.size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.size))
+        state = tp()
+        if state.expert_parallel:
+            if num_experts % state.size:
+                raise ValueError(f"tensor_parallel_size {state.size} does not divide the model's {num_experts} "
+                                 "experts, as enable_expert_parallel needs; turn it off to split each expert instead")
+            self.local_experts, self.size, self.start = num_experts // state.size, intermediate_size, 0
+        else:
+            self.local_experts = num_experts
+            self.size = split_evenly(intermediate_size, "MoE intermediate size")  # this rank's
+            self.start = state.rank * self.size
+        self.first_expert = state.rank * self.local_experts if state.expert_parallel else 0
+        self.gate_up_proj = nn.Parameter(torch.empty(self.local_experts, 2 * self.size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.local_experts, hidden_size, self.size))
         self.loaded: set[tuple[int, str]] = set()  # (expert, checkpoint projection)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the experts' weighted outputs (the caller all-reduces)."""
+        others = self.local_experts < self.num_experts
+        if others:  # the router's ids as this rank's; local_experts: another rank's expert, skipped
+            ids = ids - self.first_expert
+            ids = ids.masked_fill((ids < 0) | (ids >= self.local_experts), self.local_experts)
         if triton_ops.fused(x):
-            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
+            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, skips=others)
         return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
 
     def load_expert(self, expert: int, projection: str, tensor: torch.Tensor) -> None:
@@ -92,10 +106,13 @@ class FusedExperts(nn.Module):
                                                                                  self.hidden_size)
         if tuple(tensor.shape) != full:
             raise ValueError(f"has shape {tuple(tensor.shape)}, expected {full}")
+        local = expert - self.first_expert
+        if not 0 <= local < self.local_experts:  # another rank's
+            return
         if half is None:
-            target, part = self.down_proj[expert], tensor[:, self.start:self.start + self.size]
+            target, part = self.down_proj[local], tensor[:, self.start:self.start + self.size]
         else:
-            target = self.gate_up_proj[expert, half * self.size:(half + 1) * self.size]
+            target = self.gate_up_proj[local, half * self.size:(half + 1) * self.size]
             part = tensor[self.start:self.start + self.size]
         with torch.no_grad():
             target.copy_(part)
@@ -103,14 +120,31 @@ class FusedExperts(nn.Module):
 
     def missing(self) -> list[str]:
         """`{expert}.{projection}` of every expert tensor not loaded yet."""
-        return [f"{e}.{p}" for e in range(self.num_experts) for p in EXPERT_PROJECTIONS if (e, p) not in self.loaded]
+        experts = range(self.first_expert, self.first_expert + self.local_experts)
+        return [f"{e}.{p}" for e in experts for p in EXPERT_PROJECTIONS if (e, p) not in self.loaded]
 
     def load_full(self, kind: str, tensor: torch.Tensor) -> None:
-        """load_checkpoint's call for a stacked parameter: route_expert_tensors hands each one on once every expert
-        filled it, so that the loader counts it as loaded; there is nothing left to copy."""
-        if tensor is not getattr(self, kind):
-            raise ValueError("experts load from one tensor per expert (experts.{e}.gate_proj/up_proj/down_proj), "
-                             "not from a stacked tensor")
+        """load_checkpoint's call for a stacked parameter: every expert's tensors in one (transformers 5's layout,
+        which its GGUF reader gives): this rank's part of it; or the parameter itself, which route_expert_tensors
+        hands on once the per-expert tensors filled it, so that the loader counts it as loaded."""
+        param = getattr(self, kind)
+        if tensor is param:
+            return
+        experts = slice(self.first_expert, self.first_expert + self.local_experts)
+        if kind == "gate_up_proj":
+            full = (self.num_experts, 2 * self.intermediate_size, self.hidden_size)
+            halves = tensor.unflatten(1, (2, self.intermediate_size)) if tuple(tensor.shape) == full else None
+            part = None if halves is None else halves[experts, :, self.start:self.start + self.size].flatten(1, 2)
+            projections = ("gate_proj", "up_proj")
+        else:
+            full = (self.num_experts, self.hidden_size, self.intermediate_size)
+            part = tensor[experts, :, self.start:self.start + self.size] if tuple(tensor.shape) == full else None
+            projections = ("down_proj",)
+        if part is None:
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected {full} (experts, out, in)")
+        with torch.no_grad():
+            param.copy_(part)
+        self.loaded.update((e, p) for e in range(experts.start, experts.stop) for p in projections)
 
 
 def route_expert_tensors(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

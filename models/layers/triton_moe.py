@@ -97,30 +97,33 @@ def kernels() -> SimpleNamespace:
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
     """The pairs (flat indices t * K + k of ids [T, K]) sorted by expert, each expert's run padded to a multiple of
-    block_m with the sentinel T * K; the expert of each block_m block; and the padded length [1], on the device.
+    block_m with the sentinel T * K; the expert of each block_m block; and the padded length of the experts' runs
+    [1], on the device. Pairs whose id is num_experts (another rank's expert) sort past that length: never computed.
     Sized for the most padding T * K pairs can need (shapes depend on T alone)."""
     pairs = ids.numel()
     flat = ids.flatten()
     device = ids.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     order = flat.argsort(stable=True)
     expert = flat[order]
     rank = torch.arange(pairs, device=device) - (counts.cumsum(0) - counts)[expert]  # within its expert's run
-    capacity = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
+    capacity = -(-(pairs + min(num_experts + 1, pairs) * (block_m - 1)) // block_m) * block_m
     sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=device)
     sorted_pairs[(padded_ends - padded)[expert] + rank] = order.to(torch.int32)
     block_starts = torch.arange(0, capacity, block_m, device=device)
     # blocks past the padded length get the last expert: the kernels skip them
     block_expert = torch.searchsorted(padded_ends, block_starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_pairs, block_expert.to(torch.int32), padded_ends[-1:]
+    return sorted_pairs, block_expert.to(torch.int32), padded_ends[num_experts - 1:num_experts]
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor) -> torch.Tensor:
+                  ids: torch.Tensor, skips: bool = False) -> torch.Tensor:
     """sum over k of weights[t, k] * expert ids[t, k] (x[t]) for x [T, H], gate_up [E, 2I, H] (gate rows, then up),
-    down [E, H, I], weights [T, K] and ids [T, K]; in x's dtype."""
+    down [E, H, I], weights [T, K] and ids [T, K]; in x's dtype. skips: ids may be E, another rank's expert, whose
+    pairs add nothing."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = gate_up.shape
     size, pairs = two_i // 2, tokens * top_k
@@ -131,7 +134,7 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     sorted_pairs, block_expert, padded = align_by_expert(ids, num_experts, t.block_m)
     weights = weights.flatten().float().contiguous()
     intermediate = torch.empty((pairs, size), dtype=x.dtype, device=x.device)
-    out = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
+    out = (torch.zeros if skips else torch.empty)((pairs, hidden), dtype=x.dtype, device=x.device)
     kern = kernels()
     blocks_m = sorted_pairs.numel() // t.block_m
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 in full precision; half types ignore it
