@@ -1,6 +1,7 @@
-"""CPU_ATTN (opt-in: `--attention-backend CPU_ATTN`): decode rows go through a C++ kernel that reads each request's keys and values
-straight from the paged cache (no gather into a padded copy, no conversion of the whole context to fp32); prefill rows
-take TORCH_SDPA's padded groups.
+"""CPU_ATTN (the CPU's default where its kernel can build): decode rows, and prefill chunks of up to 16 tokens over a
+cached prefix (each token a row), go through a C++ kernel that reads each request's keys and values straight from the
+paged cache (no gather into a padded copy, no conversion of the whole context to fp32); longer prefill chunks take
+TORCH_SDPA's padded groups.
 
 The kernel, per decode row (long rows, when there are too few rows for the threads, cut into chunks of blocks merged
 after), walks the row's blocks a tile of up to 16 keys at a time with an online softmax, keys and values of a tile read
@@ -17,13 +18,15 @@ Explicit AVX2/FMA/F16C code, AVX-512 where the compiler targets it (`-march=nati
 and portable loops elsewhere (other CPUs, or head sizes not a multiple of the vector width); fp32 accumulation always.
 
 The kernel is compiled when the backend is first built in a process, for this machine (cached by torch under
-~/.cache/torch_extensions, about 40 s the first time). Not yet the CPU's default. benchmarks/cpu_attn_kernel.py times
-it against TORCH_SDPA's decode path and in GB/s of K/V read.
+~/.cache/torch_extensions, about 40 s the first time, said in the log). Without a compiler, ninja or Python's
+headers the CPU platform takes TORCH_SDPA instead, and its log line says why. benchmarks/cpu_attn_kernel.py times it
+against TORCH_SDPA's decode path and in GB/s of K/V read.
 """
 import functools
 import logging
 import os
 import shutil
+import sysconfig
 from dataclasses import dataclass
 
 import numpy as np
@@ -618,9 +621,9 @@ def kernel():
 
 @dataclass
 class CpuAttnMetadata(SdpaMetadata):
-    decode_tokens: torch.Tensor  # [D] the flat token of each decode row
-    decode_table: torch.Tensor  # [D, max_blocks] int64
-    decode_seq_lens: torch.Tensor  # [D] int64
+    decode_tokens: torch.Tensor  # [D] the flat token of each kernel row (a decode row, or one token of a short chunk)
+    decode_table: torch.Tensor  # [D, max_blocks] int64: its request's block table
+    decode_seq_lens: torch.Tensor  # [D] int64: the keys it sees (its own included)
 
 
 class CpuAttnBackend(TorchSdpaBackend):
@@ -632,13 +635,21 @@ class CpuAttnBackend(TorchSdpaBackend):
     @classmethod
     def why_unsupported(cls, spec: AttentionSpec, platform: str) -> list[str]:
         reasons = super().why_unsupported(spec, platform)
+        from torch.utils.cpp_extension import is_ninja_available
+
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None:
             reasons.append(f"needs a C++ compiler ({compiler}) to build its kernel")
+        if not is_ninja_available():
+            reasons.append("needs ninja to build its kernel (pip install ninja)")
+        if not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+            reasons.append("needs Python's headers to build its kernel (Python.h)")
         return reasons
 
     def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
         super().__init__(spec, device)
+        if kernel.cache_info().currsize == 0:
+            logger.info("CPU_ATTN: loading its C++ kernel (built for this CPU the first time: about a minute)")
         if isinstance(kernel(), Exception):
             raise ValueError(f"CPU_ATTN's C++ kernel did not build: {type(kernel()).__name__}: {kernel()}")
 
@@ -646,21 +657,32 @@ class CpuAttnBackend(TorchSdpaBackend):
     def details(cls, spec: AttentionSpec, platform: str) -> list[str]:
         flags = open("/proc/cpuinfo").read() if platform == "cpu" else ""
         isa = next((name for name in ("avx512_bf16", "avx512f", "avx2") if f" {name}" in flags), "baseline x86-64")
-        return [f"decode: a C++ kernel, built for this CPU ({isa}) on first use; prefill: torch SDPA"]
+        return [f"decode and prefill chunks of up to {cls.max_kernel_query} tokens: a C++ kernel, built for this CPU "
+                f"({isa}) on first use; longer prefill chunks: torch SDPA"]
+
+    # requests with up to this many new tokens (decode rows, short prefill chunks over a cached prefix) go through the
+    # kernel, each new token as a row of its own seeing the keys up to itself; longer chunks take SDPA's matmuls
+    # (benchmarks/cpu_attn_kernel.py --query-lens on 2 AVX2 cores: the kernel 1.1-1.3x SDPA at 16 tokens, 0.85-1.05x
+    # at 32)
+    max_kernel_query = 16
 
     def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
-        return [rows for rows in super().packed_rows(query_lens, seq_lens, max_keys) if query_lens[rows[0]] > 1]
+        groups = super().packed_rows(query_lens, seq_lens, max_keys)
+        return [kept for rows in groups if len(kept := rows[query_lens[rows] > self.max_kernel_query])]
 
     def build_metadata(self, batch: BatchLayout) -> CpuAttnMetadata:
         sdpa = super().build_metadata(batch)
-        rows = np.flatnonzero(batch.query_lens == 1)
+        rows = np.flatnonzero(batch.query_lens <= self.max_kernel_query)
         width = max([len(batch.block_tables[r]) for r in rows], default=0)
         table = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
             table[i, :len(batch.block_tables[row])] = batch.block_tables[row]
+        lens = batch.query_lens[rows]
+        request = np.repeat(np.arange(len(rows)), lens)  # the request of each kernel row
+        within = np.arange(len(request)) - np.repeat(np.cumsum(lens) - lens, lens)  # its token's index in the request
         to = lambda a: batch.to_device(np.ascontiguousarray(a, dtype=np.int64))
-        return CpuAttnMetadata(sdpa.slot_mapping, sdpa.groups, to(batch.query_start_loc[rows]), to(table),
-                               to(batch.seq_lens[rows]))
+        return CpuAttnMetadata(sdpa.slot_mapping, sdpa.groups, to(batch.query_start_loc[rows][request] + within),
+                               to(table[request]), to(batch.num_computed[rows][request] + within + 1))
 
     def forward(self, layer, q, k, v, kv_cache, metadata: CpuAttnMetadata) -> torch.Tensor:
         out = super().forward(layer, q, k, v, kv_cache, metadata)  # writes the new keys and values; prefill rows

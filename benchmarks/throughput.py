@@ -8,6 +8,7 @@ the tokens the requests asked for.
 
     python benchmarks/throughput.py                       # all engines, float32 and bfloat16
     python benchmarks/throughput.py --engines vllm hf --dtypes bfloat16 --json results.json
+    python benchmarks/throughput.py --engines llmserve vllm --attention-backends TORCH_SDPA CPU_ATTN
 
 vLLM runs from its own virtual environment (benchmarks/setup_vllm_cpu.sh creates it) and is
 skipped when that environment is absent.
@@ -52,10 +53,10 @@ def check_lengths(workload: Workload, outputs: list[list[int]]) -> None:
 
 # ---- children: each loads one engine, warms it up and times the workload -------------------
 
-def run_llmserve(workload: Workload, dtype: str, model: str) -> dict:
+def run_llmserve(workload: Workload, dtype: str, model: str, attention_backend: str | None) -> dict:
     from llmserve import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype)  # the same HF folder the peers load
+    llm = LLM(model, dtype=dtype, attention_backend=attention_backend)  # the same HF folder the peers load
     llm.generate([workload[0][0]], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for _, k in workload]
     start = time.perf_counter()
@@ -114,12 +115,13 @@ def run_vllm(workload: Workload, dtype: str, model: str) -> dict:
 def child_main(args: argparse.Namespace) -> None:
     workload = make_workload()
     if args.child == "llmserve":
-        result = run_llmserve(workload, args.dtype, args.model)
+        result = run_llmserve(workload, args.dtype, args.model, args.attention_backend)
     elif args.child == "hf":
         result = run_hf(workload, args.dtype, args.model, args.hf_batch_sizes)
     else:
         result = run_vllm(workload, args.dtype, args.model)
-    result.update(engine=args.child, dtype=args.dtype, output_tok_s=OUTPUT_TOKENS / result["wall_s"])
+    engine = f"llmserve/{args.attention_backend}" if args.child == "llmserve" and args.attention_backend else args.child
+    result.update(engine=engine, dtype=args.dtype, output_tok_s=OUTPUT_TOKENS / result["wall_s"])
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -130,39 +132,43 @@ def vllm_python(venv: str) -> str | None:
     return str(python) if python.is_file() else None
 
 
-def run_child(python: str, engine: str, dtype: str, model: str, args: argparse.Namespace) -> dict:
+def run_child(python: str, engine: str, dtype: str, model: str, args: argparse.Namespace,
+              attention_backend: str | None = None) -> dict:
     cmd = [python, __file__, "--child", engine, "--dtype", dtype, "--model", model,
            "--hf-batch-sizes", *map(str, args.hf_batch_sizes)]
+    if attention_backend:
+        cmd += ["--attention-backend", attention_backend]
     env = {**os.environ, **(VLLM_ENV if engine == "vllm" else {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        return {"engine": engine, "dtype": dtype, "error": f"exit code {proc.returncode}\n{tail}"}
+        label = f"llmserve/{attention_backend}" if attention_backend else engine
+        return {"engine": label, "dtype": dtype, "error": f"exit code {proc.returncode}\n{tail}"}
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
 def describe(result: dict) -> str:
     if "error" in result:
-        return f"{result['engine']:>8} {result['dtype']:<8} FAILED: {result['error']}"
+        return f"{result['engine']:>19} {result['dtype']:<8} FAILED: {result['error']}"
     extra = ""
     if result["engine"] == "hf":
         by_bs = ", ".join(f"bs {bs}: {t:.1f}" for bs, t in result["tok_s_by_batch_size"].items())
         extra = f"  (best batch size {result['batch_size']}; {by_bs})"
-    return f"{result['engine']:>8} {result['dtype']:<8} {result['output_tok_s']:8.1f} tok/s{extra}"
+    return f"{result['engine']:>19} {result['dtype']:<8} {result['output_tok_s']:8.1f} tok/s{extra}"
 
 
 def print_table(results: list[dict]) -> None:
     ok = {(r["engine"], r["dtype"]): r["output_tok_s"] for r in results if "error" not in r}
-    print(f"\n{'engine':<9}{'dtype':<10}{'out tok/s':>10}{'wall s':>9}{'x HF':>8}{'llmserve/vLLM':>15}")
+    print(f"\n{'engine':<20}{'dtype':<10}{'out tok/s':>10}{'wall s':>9}{'x HF':>8}{'x vLLM':>8}")
     for r in results:
         if "error" in r:
             continue
         engine, dtype, tok_s = r["engine"], r["dtype"], r["output_tok_s"]
-        hf, vllm, ours = ok.get(("hf", dtype)), ok.get(("vllm", dtype)), ok.get(("llmserve", dtype))
+        hf, vllm = ok.get(("hf", dtype)), ok.get(("vllm", dtype))
         vs_hf = f"{tok_s / hf:.2f}" if hf else "-"
-        vs_vllm = f"{ours / vllm:.2f}" if engine == "llmserve" and vllm else "-"
-        print(f"{engine:<9}{dtype:<10}{tok_s:>10.1f}{r['wall_s']:>9.1f}{vs_hf:>8}{vs_vllm:>15}")
+        vs_vllm = f"{tok_s / vllm:.2f}" if engine.startswith("llmserve") and vllm else "-"
+        print(f"{engine:<20}{dtype:<10}{tok_s:>10.1f}{r['wall_s']:>9.1f}{vs_hf:>8}{vs_vllm:>8}")
 
 
 def main() -> None:
@@ -173,8 +179,11 @@ def main() -> None:
                         help="static batch sizes HF transformers runs; the best counts (default: 8 16 64)")
     parser.add_argument("--vllm-venv", default=DEFAULT_VLLM_VENV,
                         help="vLLM CPU virtual environment (default: $LLMSERVE_VLLM_VENV or %(default)s)")
+    parser.add_argument("--attention-backends", nargs="+", default=[None], metavar="BACKEND",
+                        help="llmserve runs once with each of these attention backends (default: the platform's)")
     parser.add_argument("--json", help="write the full results to this file")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--attention-backend", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,8 +203,9 @@ def main() -> None:
                 print(f"{engine:>8} {dtype:<8} skipped: no vLLM environment at {args.vllm_venv} "
                       f"(run benchmarks/setup_vllm_cpu.sh)", flush=True)
                 continue
-            results.append(run_child(pythons[engine], engine, dtype, model, args))
-            print(describe(results[-1]), flush=True)
+            for backend in (args.attention_backends if engine == "llmserve" else [None]):
+                results.append(run_child(pythons[engine], engine, dtype, model, args, backend))
+                print(describe(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "cpu_count": os.cpu_count(), "results": results}, indent=2))
     print_table(results)

@@ -12,7 +12,7 @@ from llmserve.plugins import hookimpl
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
-    attention_backends = ("TORCH_SDPA",)
+    attention_backends = ("CPU_ATTN", "TORCH_SDPA")  # CPU_ATTN where its kernel can build
     default_kv_cache_bytes = 4 << 30
 
     @classmethod

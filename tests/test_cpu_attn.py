@@ -115,8 +115,18 @@ def test_large_scores(dtype):
 def test_the_engine_with_it_equals_torch_sdpa(llm):
     prompts = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
     params = SamplingParams(temperature=0, max_tokens=24)
-    assert llm.engine.runner.backend.name == "TORCH_SDPA"  # the CPU's default
-    ours = LLM(dtype="float32", attention_backend="CPU_ATTN")
-    assert ours.engine.runner.backend.name == "CPU_ATTN"
-    assert ([o.outputs[0].token_ids for o in ours.generate(prompts, params, use_tqdm=False)] ==
+    assert llm.engine.runner.backend.name == "CPU_ATTN"  # the CPU's default
+    sdpa = LLM(dtype="float32", attention_backend="TORCH_SDPA")
+    assert ([o.outputs[0].token_ids for o in sdpa.generate(prompts, params, use_tqdm=False)] ==
             [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    sdpa.engine.shutdown()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (9, 3, 64)])
+def test_short_chunks_through_the_kernel_match_reference(window, dtype, heads, kv_heads, head_dim):
+    """A chunk of a few new tokens over cached ones: each token a kernel row seeing the keys up to itself (MIXED's
+    chunks of 1 and 9 tokens through the kernel, those of 20 and 23 through SDPA)."""
+    check_backend(CpuAttnBackend, dtype, heads, kv_heads, head_dim, 16, MIXED + DECODE, window, "cpu",
+                  configure=lambda backend: setattr(backend, "max_kernel_query", 9))

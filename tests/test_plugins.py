@@ -138,8 +138,8 @@ print(json.dumps([listing, imported]))"""
     assert not backends["EXAMPLE_COMPILED_ATTN"]["available"]
 
 
-def test_example_backend_matches_torch_sdpa(example_plugin, llm):
-    assert llm.engine.runner.backend.name == "TORCH_SDPA"
+def test_example_backend_matches_the_default(example_plugin, llm):
+    assert llm.engine.runner.backend.name == "CPU_ATTN"
     example = LLM(dtype="float32", attention_backend="EXAMPLE_ATTN")
     assert example.engine.runner.backend.name == "EXAMPLE_ATTN"
     prompts = [PROMPTS[i] for i in (0, 3, 6, 8)]  # short and long (several cache blocks), batched together
