@@ -97,7 +97,7 @@ class MergedLinear(Linear):
     def load_shard(self, index: int, tensor: torch.Tensor, kind: str = "weight") -> None:
         if self.quant is not None and self.quant.unsplit(kind):  # the same for every projection: kept once
             target = getattr(self, kind)
-            if kind in self.unsplit_loaded and not torch.equal(target, tensor.to(target.dtype)):
+            if kind in self.unsplit_loaded and not torch.equal(target, tensor.to(target.device, target.dtype)):
                 raise ValueError(f"shard {index} of {kind} differs from another projection's, and the stacked "
                                  "projections share one")
             with torch.no_grad():
