@@ -3,8 +3,8 @@ cached prefix (each token a row), go through a C++ kernel that reads each reques
 paged cache (no gather into a padded copy, no conversion of the whole context to fp32); longer prefill chunks take
 TORCH_SDPA's padded groups.
 
-The kernel, per decode row (long rows, when there are too few rows for the threads, cut into chunks of blocks merged
-after), walks the row's blocks a tile of up to 16 keys at a time with an online softmax, keys and values of a tile read
+The kernel, per decode row (rows of more than 512 keys cut into chunks of blocks merged after, the same cut in any
+batch), walks the row's blocks a tile of up to 16 keys at a time with an online softmax, keys and values of a tile read
 while hot in cache:
 - scores: for each KV head, its query heads up to 4 at a time against a few keys at a time, each key vector loaded
   (bf16 widened by a shift, fp16 by F16C) once for those heads, into one vector register per (head, key); 8 (AVX2) or
@@ -58,6 +58,7 @@ KERNEL = r"""
 namespace {
 
 constexpr int TILE = 16;               // keys per online-softmax step: a block of 16, or a part of a block
+constexpr int64_t CHUNK_KEYS = 512;    // rows with more keys are cut into chunks of this many (rounded to blocks)
 constexpr float RESCALE_AT = 8.f;      // the running max is moved only when a score passes it by this (e^8 < 3000)
 constexpr float EXP_MIN = -87.33654f;  // e^x underflows the normal floats below this: taken as 0
 constexpr float EXP_MAX = 88.f;
@@ -476,13 +477,11 @@ void decode(const Problem<T>& p, const torch::Tensor& seq_lens, int64_t rows, in
   const int64_t H = p.group * p.kv_heads, D = p.dim, bs = p.block_size;
   const int64_t slot_size = 2 * H + H * D;  // a partial result: max, sum, accumulators
   auto first_key = [&](int64_t r) { return sliding_window > 0 ? std::max<int64_t>(0, lens[r] - sliding_window) : 0; };
-  // Rows with long windows are cut into chunks of whole blocks when there are too few rows to keep every thread
-  // busy: each chunk's max, sum and accumulators are merged after. Chunks of at least 256 keys, ~8 per thread in all.
-  int64_t total = 0;
-  for (int64_t r = 0; r < rows; ++r) total += lens[r] - first_key(r);
+  // Rows with windows longer than CHUNK_KEYS are cut into chunks of whole blocks (so that a few long rows keep every
+  // thread busy): each chunk's max, sum and accumulators are merged after. The cut depends on the row alone, never on
+  // the rest of the batch or the thread count: a row's result is the same in any batch.
   const int64_t threads = at::get_num_threads();
-  int64_t chunk = std::max<int64_t>(256, (total + 8 * threads - 1) / (8 * threads));
-  chunk = (chunk + bs - 1) / bs * bs;
+  const int64_t chunk = (CHUNK_KEYS + bs - 1) / bs * bs;
   std::vector<Task> tasks;
   std::vector<std::pair<int64_t, int64_t>> merged;  // (first task, task count) of each split row
   int64_t partials = 0;
