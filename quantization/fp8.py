@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.interfaces import QuantizationMethod
+from llmserve.models.layers import triton_ops
+from llmserve.quantization import triton_fp8
 from llmserve.plugins import hookimpl
 
 logger = logging.getLogger(__name__)
@@ -29,9 +31,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (model dtype) @ weight [N, K] (fp8, scales [N, 1]) -> [..., N] in x's dtype."""
+    """x [..., K] (model dtype) @ weight [N, K] (fp8, scales [N, 1]) -> [..., N] in x's dtype. On a GPU, a few rows
+    (decode) take triton_fp8's W8A16 kernel; the rest have their activations quantized per token."""
     shape = x.shape
-    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    rows = x.reshape(-1, shape[-1])
+    if rows.shape[0] <= triton_fp8.GEMV_MAX_ROWS and triton_ops.fused(x):
+        return triton_fp8.fp8_gemv(rows, weight, weight_scale, bias).reshape(*shape[:-1], weight.shape[0])
+    xq, x_scale = quantize_rows(rows)
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=x.dtype,
                            bias=bias)
     return out.reshape(*shape[:-1], weight.shape[0])
