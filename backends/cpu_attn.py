@@ -1,9 +1,9 @@
-"""CPU_ATTN (the CPU's default where its kernel can build): decode rows, and prefill chunks of up to 16 tokens over a
-cached prefix (each token a row), go through a C++ kernel that reads each request's keys and values straight from the
+"""CPU_ATTN (the CPU's default where its kernel can build): decode rows, and prefill chunks of up to 16 tokens (each
+token a row seeing the keys up to itself), go through a C++ kernel that reads each request's keys and values straight from the
 paged cache (no gather into a padded copy, no conversion of the whole context to fp32); longer prefill chunks take
 TORCH_SDPA's padded groups.
 
-The kernel, per decode row (rows of more than 512 keys cut into chunks of blocks merged after, the same cut in any
+The kernel, per decode row (rows of more than 256 keys cut into chunks of blocks merged after, the same cut in any
 batch), walks the row's blocks a tile of up to 16 keys at a time with an online softmax, keys and values of a tile read
 while hot in cache:
 - scores: for each KV head, its query heads up to 4 at a time against a few keys at a time, each key vector loaded
@@ -58,7 +58,7 @@ KERNEL = r"""
 namespace {
 
 constexpr int TILE = 16;               // keys per online-softmax step: a block of 16, or a part of a block
-constexpr int64_t CHUNK_KEYS = 512;    // rows with more keys are cut into chunks of this many (rounded to blocks)
+constexpr int64_t CHUNK_KEYS = 256;    // rows with more keys are cut into chunks of this many (rounded to blocks)
 constexpr float RESCALE_AT = 8.f;      // the running max is moved only when a score passes it by this (e^8 < 3000)
 constexpr float EXP_MIN = -87.33654f;  // e^x underflows the normal floats below this: taken as 0
 constexpr float EXP_MAX = 88.f;
@@ -613,8 +613,8 @@ def kernel():
             logger.warning("CPU_ATTN's kernel did not build with OpenMP (%s); building it single-threaded", e)
             return load_inline("llmserve_cpu_attn_serial", cpp_sources=KERNEL, functions=["paged_decode", "isa"],
                                extra_cflags=flags, verbose=False)
-    except Exception as e:  # no compiler, no ninja, no Python headers: TORCH_SDPA does the work instead
-        logger.warning("CPU_ATTN's C++ kernel did not build (%s: %s); falling back", type(e).__name__, e)
+    except Exception as e:  # the platform's default then moves on to TORCH_SDPA (select_attention_backend)
+        logger.warning("CPU_ATTN's C++ kernel did not build (%s: %s)", type(e).__name__, e)
         return e
 
 
@@ -645,12 +645,18 @@ class CpuAttnBackend(TorchSdpaBackend):
             reasons.append("needs Python's headers to build its kernel (Python.h)")
         return reasons
 
-    def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
-        super().__init__(spec, device)
+    @classmethod
+    def prepare(cls) -> list[str]:
         if kernel.cache_info().currsize == 0:
             logger.info("CPU_ATTN: loading its C++ kernel (built for this CPU the first time: about a minute)")
-        if isinstance(kernel(), Exception):
-            raise ValueError(f"CPU_ATTN's C++ kernel did not build: {type(kernel()).__name__}: {kernel()}")
+        built = kernel()
+        return [f"its C++ kernel did not build ({type(built).__name__}: {built})"] if isinstance(built, Exception) \
+            else []
+
+    def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
+        super().__init__(spec, device)
+        if reasons := self.prepare():
+            raise ValueError(f"CPU_ATTN cannot run: {reasons[0]}")
 
     @classmethod
     def details(cls, spec: AttentionSpec, platform: str) -> list[str]:
@@ -659,15 +665,15 @@ class CpuAttnBackend(TorchSdpaBackend):
         return [f"decode and prefill chunks of up to {cls.max_kernel_query} tokens: a C++ kernel, built for this CPU "
                 f"({isa}) on first use; longer prefill chunks: torch SDPA"]
 
-    # requests with up to this many new tokens (decode rows, short prefill chunks over a cached prefix) go through the
+    # requests with up to this many new tokens (decode rows, short prompts or prefill chunks) go through the
     # kernel, each new token as a row of its own seeing the keys up to itself; longer chunks take SDPA's matmuls
     # (benchmarks/cpu_attn_kernel.py --query-lens on 2 AVX2 cores: the kernel 1.1-1.3x SDPA at 16 tokens, 0.85-1.05x
     # at 32)
     max_kernel_query = 16
 
     def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
-        groups = super().packed_rows(query_lens, seq_lens, max_keys)
-        return [kept for rows in groups if len(kept := rows[query_lens[rows] > self.max_kernel_query])]
+        # the kernel's rows as empty ones (query length 0), which pack_groups leaves out of every group
+        return super().packed_rows(np.where(query_lens > self.max_kernel_query, query_lens, 0), seq_lens, max_keys)
 
     def build_metadata(self, batch: BatchLayout) -> CpuAttnMetadata:
         sdpa = super().build_metadata(batch)

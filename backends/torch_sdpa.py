@@ -95,7 +95,7 @@ class TorchSdpaBackend(AttentionBackend):
     kv_cache_dtypes = (torch.float8_e4m3fn,)  # written scaled, gathered blocks widened to fp32 with the scale
 
     def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
-        """The rows this backend attends to with SDPA, in groups (all of them; CPU_ATTN keeps the decode rows)."""
+        """The rows this backend attends to with SDPA, in groups (all of them; CPU_ATTN keeps those of at most 16 new tokens)."""
         return pack_groups(query_lens, seq_lens, max_keys)
 
     def build_metadata(self, batch: BatchLayout) -> SdpaMetadata:

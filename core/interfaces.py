@@ -121,6 +121,13 @@ class AttentionBackend(ABC):
         """Lines for `llm plugins` and the log when it is picked: e.g. which of several implementations it uses."""
         return []
 
+    @classmethod
+    def prepare(cls) -> list[str]:
+        """Called once it is chosen, before an engine builds it: costly set-up that why_unsupported (also run by
+        `llm plugins`) must not do, such as compiling a kernel. The reasons it cannot run after all (empty: it can);
+        a platform's default then moves on to its next backend."""
+        return []
+
     def __init__(self, spec: AttentionSpec, device: torch.device) -> None:
         self.spec = spec
         self.device = device

@@ -40,7 +40,7 @@ def select_attention_backend(requested: str | None, spec: AttentionSpec,
             failed = "".join(f"; plugin {n!r} failed to load ({e})" for n, e in registry().failures.items())
             raise ValueError(f"unknown attention backend {requested!r}; registered: {', '.join(sorted(backends))}{failed}")
         cls = backends[requested].load()
-        reasons = cls.why_unsupported(spec, platform.name)
+        reasons = cls.why_unsupported(spec, platform.name) or cls.prepare()
         if reasons:
             raise ValueError(f"attention backend {requested} cannot run this model here: " + "; ".join(reasons))
         logger.info("attention backend %s, as asked%s", requested, "".join(f"; {d}" for d in
@@ -49,7 +49,7 @@ def select_attention_backend(requested: str | None, spec: AttentionSpec,
     rejected = []
     for name in [n for n in platform.attention_backends if n in backends]:
         cls = backends[name].load()
-        reasons = cls.why_unsupported(spec, platform.name)
+        reasons = cls.why_unsupported(spec, platform.name) or cls.prepare()
         if not reasons:
             logger.info("attention backend %s picked: the %s platform's first choice that supports this model%s%s",
                         name, platform.name, f" (skipped {'; '.join(rejected)})" if rejected else "",

@@ -3,7 +3,9 @@ saved in fp8 (quant_method "fp8": HF's format; "compressed-tensors" with float 8
 
 Weights are kept in fp8 with a scale per output row (a per-tensor scale becomes the same scale on every row);
 activations are quantized per token as they arrive, and the GEMM runs on fp8 inputs with fp32 accumulation
-(`torch._scaled_mm`: the Hopper tensor cores on the GPU, oneDNN on the CPU). A static activation scale in the
+(`torch._scaled_mm`: the Hopper tensor cores on the GPU, oneDNN on the CPU). On a GPU, batches of up to 4 rows
+(decode) instead keep their activations in 16 bits (triton_fp8's W8A16 kernel): a request's logits then differ in
+their last bits with the batch size, as they do with cuBLAS's choice of kernel. A static activation scale in the
 checkpoint (`input_scale`) is read but not used: per-token scales are at least as fine. Checkpoints scaled per
 128 x 128 block (HF's fp8, DeepSeek's) are dequantized to the model's dtype at load: no block-scaled fp8 GEMM yet.
 """
@@ -138,10 +140,10 @@ class Fp8Method(QuantizationMethod):
 
     def describe(self) -> str:
         if not self.serialized:
-            return "fp8: weights quantized at load, a scale per output row; activations per token"
+            return "fp8: weights quantized at load, a scale per output row; activations per token (kept 16-bit in GPU batches of up to 4 rows)"
         if self.block:
             return f"fp8 checkpoint with {self.block[0]}x{self.block[1]} block scales, dequantized to {self.dtype}"
-        return "fp8 checkpoint: weights in fp8, a scale per output row; activations per token"
+        return "fp8 checkpoint: weights in fp8, a scale per output row; activations per token (kept 16-bit in GPU batches of up to 4 rows)"
 
 
 class CompressedTensorsMethod(Fp8Method):

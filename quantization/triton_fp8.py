@@ -55,6 +55,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
+    assert weight.stride(1) == 1, "fp8 weights are row-major [N, K]"
     if x.stride(-1) != 1:
         x = x.contiguous()
     block_m = max(1, 1 << (m - 1).bit_length())  # the next power of two

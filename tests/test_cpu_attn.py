@@ -167,3 +167,18 @@ def test_short_chunks_through_the_kernel_match_reference(window, dtype, heads, k
     chunks of 1 and 9 tokens through the kernel, those of 20 and 23 through SDPA)."""
     check_backend(CpuAttnBackend, dtype, heads, kv_heads, head_dim, 16, MIXED + DECODE, window, "cpu",
                   configure=lambda backend: setattr(backend, "max_kernel_query", 9))
+
+
+def test_a_kernel_that_does_not_build_leaves_the_default_to_torch_sdpa(monkeypatch):
+    """prepare()'s reasons: the CPU's default moves on to TORCH_SDPA; an explicit request fails with them."""
+    from llmserve.interfaces import AttentionSpec
+    from llmserve.plugins.platforms import CpuPlatform
+    from llmserve.plugins.select import select_attention_backend
+
+    spec = AttentionSpec(4, 2, 64, torch.float32, 16)
+    assert select_attention_backend(None, spec, CpuPlatform).name == "CPU_ATTN"
+    monkeypatch.setattr(CpuAttnBackend, "prepare", classmethod(lambda cls: ["its C++ kernel did not build (test)"]))
+    assert select_attention_backend(None, spec, CpuPlatform).name == "TORCH_SDPA"
+    with pytest.raises(ValueError, match=r"^attention backend CPU_ATTN cannot run this model here: its C\+\+ kernel "
+                                         r"did not build \(test\)"):
+        select_attention_backend("CPU_ATTN", spec, CpuPlatform)

@@ -4,6 +4,7 @@ outputs are summed, weighted by the router's probabilities.
 Weights: every expert's gate and up projections stacked into `experts.gate_up_proj` [E, 2I, H] (gate rows, then up
 rows) and its down projection into `experts.down_proj` [E, H, I], the layout of transformers 5's experts in memory.
 Checkpoints store one tensor per expert; `route_expert_tensors` copies them into the stacks as the model loads.
+GGUF files (through transformers' reader) give the stacks whole: `FusedExperts.load_full` takes those.
 
 Tensor parallelism splits each expert's intermediate dim I over the ranks, as a dense MLP's: each rank's experts give
 a partial sum of the output, and one all-reduce after the down projection adds them (with a shared expert's partial
