@@ -112,6 +112,10 @@ def run_vllm(workload: Workload, dtype: str, model: str) -> dict:
     return {"wall_s": wall, "version": __import__("vllm").__version__}
 
 
+def engine_label(engine: str, attention_backend: str | None) -> str:
+    return f"{engine}/{attention_backend}" if attention_backend else engine
+
+
 def child_main(args: argparse.Namespace) -> None:
     workload = make_workload()
     if args.child == "llmserve":
@@ -120,8 +124,7 @@ def child_main(args: argparse.Namespace) -> None:
         result = run_hf(workload, args.dtype, args.model, args.hf_batch_sizes)
     else:
         result = run_vllm(workload, args.dtype, args.model)
-    engine = f"llmserve/{args.attention_backend}" if args.child == "llmserve" and args.attention_backend else args.child
-    result.update(engine=engine, dtype=args.dtype, output_tok_s=OUTPUT_TOKENS / result["wall_s"])
+    result.update(engine=engine_label(args.child, args.attention_backend), dtype=args.dtype, output_tok_s=OUTPUT_TOKENS / result["wall_s"])
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -143,8 +146,7 @@ def run_child(python: str, engine: str, dtype: str, model: str, args: argparse.N
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        label = f"llmserve/{attention_backend}" if attention_backend else engine
-        return {"engine": label, "dtype": dtype, "error": f"exit code {proc.returncode}\n{tail}"}
+        return {"engine": engine_label(engine, attention_backend), "dtype": dtype, "error": f"exit code {proc.returncode}\n{tail}"}
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
