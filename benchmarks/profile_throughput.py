@@ -80,11 +80,13 @@ def kernel_table(engine: LLMEngine, workload) -> tuple[float, list[dict]]:
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     parser.add_argument("--json", help="write the full results here")
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                    attention_backend=args.attention_backend, enforce_eager=args.enforce_eager))
+                                    attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                                    kv_cache_dtype=args.kv_cache_dtype))
     workload = make_workload(engine, args.num_prompts, args.input_len, args.output_len, None, 0)
     warm_up(engine)
     bandwidth = memory_bandwidth(engine)

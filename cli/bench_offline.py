@@ -82,7 +82,7 @@ def weight_bytes(engine: LLMEngine) -> int:
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
     spec, layers = engine.runner.spec, len(engine.runner.layers())
-    return 2 * spec.num_kv_heads * spec.head_dim * engine.runner.dtype.itemsize * layers
+    return 2 * spec.num_kv_heads * spec.head_dim * spec.cache_dtype.itemsize * layers
 
 
 def add_all(engine: LLMEngine, workload: Workload, ignore_eos: bool = True) -> None:

@@ -17,13 +17,13 @@ from llmserve.quantization.fp8 import fp8_linear, quantize_rows  # noqa: E402
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # ||out - ref|| / ||ref||: rounding
 
 
-def check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
+def check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, config=None) -> None:
     torch.manual_seed(m * 1000 + n + k)
     weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.05)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
     expected = x.double() @ (weight.double() * scale.double()).T + (b.double() if bias else 0)
-    out = triton_fp8.fp8_gemv(x, weight, scale, b)
+    out = triton_fp8.fp8_gemv(x, weight, scale, b, config)
     assert out.dtype == dtype and out.shape == (m, n)
     error = ((out.double() - expected).norm() / expected.norm()).item()
     assert error < TOLERANCE[dtype], error
@@ -35,6 +35,14 @@ def check(m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
 def test_kernel_matches_float64_reference(m, n, k, dtype, bias):
     """Rows and columns that are not whole blocks (masked edges), K not a multiple of BLOCK_K, 3 rows in a block of 4."""
     check(m, n, k, dtype, bias)
+
+
+@pytest.mark.parametrize("config", [triton_fp8.GemvConfig(4, 64, 4, True), triton_fp8.GemvConfig(8, 32, 4, False),
+                                    triton_fp8.GemvConfig(32, 128, 8, True)], ids=str)
+@pytest.mark.parametrize("m", [1, 3])
+def test_every_block_form(m, config):
+    """Both summing forms and other block sizes than gemv_config's (benchmarks/fp8_gemv.py sweeps them)."""
+    check(m, 37, 300, torch.bfloat16, bias=True, config=config)
 
 
 def test_strided_rows():
