@@ -629,6 +629,7 @@ class CpuAttnBackend(TorchSdpaBackend):
     name = "CPU_ATTN"
     platforms = ("cpu",)
     supports_logit_softcap = False
+    supports_attention_sinks = False  # its C++ kernel's softmax has no sink term
     kv_cache_dtypes = ()  # its C++ decode kernel reads 16- and 32-bit caches only
 
     @classmethod

@@ -72,10 +72,12 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return stored.float() * scale
 
 
-def attend(query, keys, values, mask, scale: float, logit_softcap: float | None) -> torch.Tensor:
+def attend(query, keys, values, mask, scale: float, logit_softcap: float | None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values (the query's dtype, or fp32 from a scaled
-    cache); SDPA unless scores are soft-capped, which SDPA cannot do (then the same math in plain torch, in fp32)."""
-    if not logit_softcap:
+    cache); SDPA unless scores are soft-capped or the softmax has sinks ([heads] logits in its denominator), which
+    SDPA cannot do (then the same math in plain torch, in fp32)."""
+    if not logit_softcap and sinks is None:
         if query.device.type == "cpu" and query.dtype != torch.float32 and query.shape[2] == 1:
             # torch's CPU kernel decodes half precision 3 to 5x slower than fp32, conversion included (issue 15)
             return F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask,
@@ -84,14 +86,20 @@ def attend(query, keys, values, mask, scale: float, logit_softcap: float | None)
                                               scale=scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
-    scores = torch.tanh(query.float() @ keys.transpose(-1, -2) * (scale / logit_softcap)) * logit_softcap
-    return (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values).to(query.dtype)
+    scores = query.float() @ keys.transpose(-1, -2)
+    scores = torch.tanh(scores * (scale / logit_softcap)) * logit_softcap if logit_softcap else scores * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return (scores.softmax(-1) @ values).to(query.dtype)
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return (torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1] @ values).to(query.dtype)
 
 
 class TorchSdpaBackend(AttentionBackend):
     name = "TORCH_SDPA"
     platforms = ("cpu", "cuda", "rocm")
     supports_logit_softcap = True
+    supports_attention_sinks = True
     kv_cache_dtypes = (torch.float8_e4m3fn,)  # written scaled, gathered blocks widened to fp32 with the scale
 
     def packed_rows(self, query_lens: np.ndarray, seq_lens: np.ndarray, max_keys: int) -> list[np.ndarray]:
@@ -142,7 +150,7 @@ class TorchSdpaBackend(AttentionBackend):
                 values = dequantize(values.view(stored), layer.v_scale)
             mask = g.mask(max_blocks * block_size, layer.sliding_window)
             query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
-            attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap)
+            attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap, layer.sinks)
             attn = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
             out.index_copy_(0, g.out_index, attn if len(g.valid_index) == len(attn) else attn.index_select(0, g.valid_index))
         return out

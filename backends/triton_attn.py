@@ -173,15 +173,16 @@ def kernels() -> SimpleNamespace:
     # The batch's size and where its metadata starts in the upload buffer vary every step: no compiled variant
     # per value (Triton would specialise them on == 1, on divisibility by 16 and on 16-byte alignment).
     @triton.jit(do_not_specialize=["num_reqs", "stride_table"],
-                do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr", "k_scale_ptr", "v_scale_ptr"])
+                do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr", "k_scale_ptr", "v_scale_ptr",
+                                                "sinks_ptr"])
     def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr, k_scale_ptr,
-                  v_scale_ptr, num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
+                  v_scale_ptr, sinks_ptr, num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, SEGMENTS: tl.constexpr,
-                  SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
-                  INTERPRET: tl.constexpr):
+                  SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, SINKS: tl.constexpr,
+                  PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
         segment = tl.program_id(2)
@@ -232,6 +233,11 @@ def kernels() -> SimpleNamespace:
         acc = tl.zeros([BLOCK_M, HEAD_P2], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0, never NaN
+        if SINKS:  # the head's sink logit (log2 domain, as the scores) starts segment 0's sums: weight 1, no value
+            with_sink = row_ok & (rows * 0 + segment == 0)
+            sink = tl.load(sinks_ptr + head, mask=with_sink, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_i = tl.where(with_sink, sink, m_i)
+            l_i = tl.where(with_sink, 1.0, l_i)
         k_base = cache_ptr + kv_head * stride_ch
         v_base = k_base + stride_c
         table_row = table_ptr + req.to(tl.int64) * stride_table
@@ -317,10 +323,12 @@ def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileC
 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: TritonAttnMetadata, scale: float,
               sliding_window: int | None, cfg: TileConfig | None = None, logit_softcap: float | None = None,
-              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> None:
     """out [T, heads, head_dim] = paged causal attention of q [T, heads, head_dim] over kv_cache; with
     `logit_softcap`, scores become cap * tanh(scores / cap) before the softmax; with k_scale and v_scale, kv_cache is
-    fp8 holding k / k_scale and v / v_scale."""
+    fp8 holding k / k_scale and v / v_scale; with `sinks` ([heads] logits), each head's sink joins the softmax's
+    denominator."""
     tokens, heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = heads // kv_heads
@@ -333,13 +341,14 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
     grid = (tokens // block_q + num_reqs, kv_heads, segments)
     kernels().attention[grid](
         q, kv_cache, out, md.partial_out if split else out, md.partial_ml if split else out, md.query_start_loc,
-        md.seq_lens, md.block_table, k_scale if scaled else out, v_scale if scaled else out, num_reqs,
+        md.seq_lens, md.block_table, k_scale if scaled else out, v_scale if scaled else out,
+        sinks if sinks is not None else out, num_reqs,
         scale / logit_softcap if logit_softcap else scale * LOG2E,
         sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), *kv_cache.stride()[:4], md.block_table.stride(0),
         NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim), BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window),
-        SOFTCAP=bool(logit_softcap), SCALED=scaled,
+        SOFTCAP=bool(logit_softcap), SCALED=scaled, SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, INTERPRET=kernels().interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
@@ -371,6 +380,7 @@ class TritonAttnBackend(AttentionBackend):
     required_packages = {"triton": "triton>=3.6"}
     supports_cuda_graphs = True
     supports_logit_softcap = True
+    supports_attention_sinks = True
     kv_cache_dtypes = (torch.float8_e4m3fn,)  # written scaled by the write kernel, widened to q's dtype in the tiles
     kv_segments: int | None = None  # None: chosen per batch; a power of two forces that many KV segments
 
@@ -452,7 +462,8 @@ class TritonAttnBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         cfg = self.tile_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.element_size(),
                                metadata.max_query_len == 1)
-        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, cfg, layer.logit_softcap, *scales)
+        attention(q, kv_cache, out, metadata, layer.scale, layer.sliding_window, cfg, layer.logit_softcap, *scales,
+                  layer.sinks)
         return out
 
 

@@ -97,7 +97,8 @@ class Batch:
                                   torch.tensor(slots, device="cuda"), block_size, torch.device("cuda"))
         qkv = torch.randn(len(slots), HEADS + 2 * KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         self.q, self.k, self.v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
-        self.layer = SimpleNamespace(layer_index=0, scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None)
+        self.layer = SimpleNamespace(layer_index=0, scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None,
+                                     sinks=None)
 
     def kv_bytes(self) -> int:
         return 2 * sum(c + n for c, n in self.requests) * KV_HEADS * HEAD_DIM * DTYPE.itemsize

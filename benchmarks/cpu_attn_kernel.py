@@ -74,7 +74,7 @@ def case(rows: int, keys: int, dtype: torch.dtype, args, query_len: int = 1) -> 
     caches = [torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(layers)]
     qkv = torch.randn(rows * query_len, heads + 2 * kv_heads, head_dim).to(dtype)
     q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    layer = SimpleNamespace(layer_index=0, scale=head_dim**-0.5, sliding_window=None, logit_softcap=None)
+    layer = SimpleNamespace(layer_index=0, scale=head_dim**-0.5, sliding_window=None, logit_softcap=None, sinks=None)
     spec = AttentionSpec(heads, kv_heads, head_dim, dtype, block_size)
     kv_read = rows * keys * kv_heads * head_dim * 2 * dtype.itemsize
     result = dict(rows=rows, keys=keys, dtype=str(dtype).removeprefix("torch."), layers=layers, kv_mb=kv_read / 1e6)

@@ -1,5 +1,6 @@
 """The plugin contracts: what an attention backend, a model and a platform provide."""
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -69,6 +70,7 @@ class AttentionSpec:
     # the KV cache's storage dtype when it is not `dtype` (float8_e4m3fn: stored = x / scale, read = stored * scale,
     # with each layer's k_scale and v_scale); None: the model's dtype (EngineConfig.kv_cache_dtype "auto")
     kv_cache_dtype: torch.dtype | None = None
+    attention_sinks: bool = False  # a learned logit per head joins every softmax's denominator (gpt-oss)
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -83,6 +85,7 @@ class AttentionBackend(ABC):
     block_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_sliding_window: ClassVar[bool] = True
     supports_logit_softcap: ClassVar[bool] = False
+    supports_attention_sinks: ClassVar[bool] = False  # reads layer.sinks ([heads] fp32 logits, or None)
     supports_cuda_graphs: ClassVar[bool] = False  # True: implements build_graph_metadata
     # scaled cache dtypes (AttentionSpec.kv_cache_dtype) its kernels write and read besides the model's own dtype, and
     # why it has no others
@@ -108,6 +111,8 @@ class AttentionBackend(ABC):
             reasons.append("does not support sliding-window attention")
         if spec.logit_softcap and not cls.supports_logit_softcap:
             reasons.append("does not support attention logit soft-capping")
+        if spec.attention_sinks and not cls.supports_attention_sinks:
+            reasons.append("does not support attention sinks")
         if spec.kv_cache_dtype is not None and spec.kv_cache_dtype not in cls.kv_cache_dtypes:
             reasons.append(f"does not support kv_cache_dtype {str(spec.kv_cache_dtype).removeprefix('torch.')}: "
                            + cls.kv_cache_dtypes_why)
@@ -278,6 +283,9 @@ class QuantizationMethod(ABC):
 
     name: ClassVar[str]
     quantizes_at_load: ClassVar[bool] = False  # True: for float checkpoints (fp8); False: reads a quantized format
+    # True: a mixture of experts' quantized experts become float as they load (checkpoint_tensors), so models with
+    # experts are not refused
+    dequantizes_experts: ClassVar[bool] = False
 
     def __init__(self, quant_config: dict, dtype: torch.dtype, platform: str) -> None:
         self.quant_config, self.dtype, self.platform = quant_config, dtype, platform
@@ -310,6 +318,11 @@ class QuantizationMethod(ABC):
     def unsplit(self, kind: str) -> bool:
         """Whether `kind` is indexed by input features only (the same for every stacked projection: GPTQ's g_idx)."""
         return False
+
+    def checkpoint_tensors(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) stream as the model's loader takes it: a format dequantized at load turns
+        its tensors into float ones here (MXFP4's experts). Default: as it is."""
+        return weights
 
     def dummy_weights(self, layer, generator: torch.Generator | None) -> None:
         """Random values for the method's own non-float parameters (`--load-format dummy`; float ones are random)."""

@@ -92,7 +92,8 @@ class ModelRunner:
             if config.load_format == "dummy":
                 self.init_dummy_weights()
             else:
-                self.model.load_weights(iter_weights(model_path, config.load_format))
+                weights = iter_weights(model_path, config.load_format)
+                self.model.load_weights(self.quant.checkpoint_tensors(weights) if self.quant else weights)
             if self.quant is not None:
                 quantization.finish(self.model, self.quant, config.load_format == "dummy",
                                     torch.Generator(self.device).manual_seed(config.seed))

@@ -14,6 +14,7 @@ from llmserve.plugins import hookimpl
 
 class LlamaAttention(nn.Module):
     qk_norms: tuple | None = None  # RMSNorms over each head of q and of k before rotary (Qwen3)
+    attention_sinks = False  # a learned logit per head in each softmax's denominator (gpt-oss)
 
     @staticmethod
     def biases(config) -> tuple[bool, bool]:
@@ -38,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.split = [length for _, length in slices]
         scale, softcap = self.scale_and_softcap(config, self.head_dim)
         self.attn = Attention(layer_index, self.num_heads, self.num_kv_heads, self.head_dim, scale,
-                              layer_sliding_window(config, layer_index), softcap)
+                              layer_sliding_window(config, layer_index), softcap, self.attention_sinks)
 
     def forward(self, rope, x: torch.Tensor, attn_metadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)

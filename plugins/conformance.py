@@ -28,8 +28,9 @@ MIXED = [(0, 23), (37, 20), (50, 1), (0, 1), (16, 1), (64, 9)]  # (cached tokens
 DECODE = [(70, 1), (5, 1), (130, 1), (33, 1)]
 
 
-def reference(q, k, v, cache, tables, requests, scale, window, softcap=None) -> torch.Tensor:
-    """Each request's queries over its cached tokens (read through its block table) and its new ones, in fp32."""
+def reference(q, k, v, cache, tables, requests, scale, window, softcap=None, sinks=None) -> torch.Tensor:
+    """Each request's queries over its cached tokens (read through its block table) and its new ones, in fp32; with
+    `sinks` ([heads] logits), a sink column joins each softmax and is dropped after it."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     block_size, group, start = cache.shape[2], q.shape[1] // k.shape[1], 0
     for (context, n), table in zip(requests, tables):
@@ -45,7 +46,12 @@ def reference(q, k, v, cache, tables, requests, scale, window, softcap=None) -> 
         visible = key_pos <= query_pos
         if window:
             visible &= key_pos > query_pos - window
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is None:
+            probs = scores.softmax(-1)
+        else:
+            sink_column = sinks.float()[:, None, None].expand(-1, n, 1)
+            probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
         out[start:start + n] = torch.einsum("hqk,khd->qhd", probs, values)
         start += n
     return out
@@ -65,28 +71,30 @@ def make_batch(requests, block_size: int):
 
 
 def check_backend(backend_cls, dtype, heads, kv_heads, head_dim, block_size, requests, window=None, device="cuda",
-                  configure=lambda backend: None, softcap=None, scale=None, kv_cache_dtype=None) -> None:
+                  configure=lambda backend: None, softcap=None, scale=None, kv_cache_dtype=None,
+                  sinks=False) -> None:
     """One step of `requests` ((cached tokens, new tokens) each) through a backend against the reference; q, k and v
     are views into one projection output, as the models pass them. With `kv_cache_dtype` (fp8) the cache holds the
     scaled values (check_scaled_cache). Raises AssertionError on a mismatch."""
     torch.manual_seed(zlib.crc32(repr((dtype, heads, kv_heads, head_dim, block_size, requests, window, softcap,
-                                       scale, kv_cache_dtype)).encode()))
+                                       scale, kv_cache_dtype, sinks)).encode()))
     tables, slots, num_blocks = make_batch(requests, block_size)
     tokens = sum(n for _, n in requests)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device)
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, device=device).to(dtype)
     q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    backend = backend_cls(AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window, softcap, kv_cache_dtype),
-                          torch.device(device))
+    backend = backend_cls(AttentionSpec(heads, kv_heads, head_dim, dtype, block_size, window, softcap, kv_cache_dtype,
+                                        sinks), torch.device(device))
     configure(backend)
     layout = BatchLayout(np.array([n for _, n in requests]), np.array([c for c, _ in requests]), tables,
                          torch.tensor(slots, dtype=torch.int64, device=device), block_size, torch.device(device))
     layer = SimpleNamespace(layer_index=0, scale=scale or head_dim**-0.5, sliding_window=window,
-                            logit_softcap=softcap)
+                            logit_softcap=softcap,
+                            sinks=(2 * torch.randn(heads, device=device)).to(dtype) if sinks else None)
     if kv_cache_dtype is not None:
         return check_scaled_cache(backend, layer, q, k, v, cache, kv_cache_dtype, layout, requests)
     cache = cache.to(dtype)
-    expected = reference(q, k, v, cache, tables, requests, layer.scale, window, softcap)
+    expected = reference(q, k, v, cache, tables, requests, layer.scale, window, softcap, layer.sinks)
     out = backend.forward(layer, q, k, v, cache, backend.build_metadata(layout))
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
@@ -114,10 +122,11 @@ def check_scaled_cache(backend, layer, q, k, v, values, cache_dtype, layout: Bat
         assert torch.equal(written, quantized(x, scales[i], cache_dtype).view(torch.uint8)), "the written K/V differ"
     read = torch.stack([cache[i].float() * scales[i] for i in range(2)])  # what the cache holds, as fp32
     new = [read[i].view(-1, *k.shape[1:])[slots] for i in range(2)]
-    expected = reference(q, *new, read, tables, requests, layer.scale, layer.sliding_window, layer.logit_softcap)
+    expected = reference(q, *new, read, tables, requests, layer.scale, layer.sliding_window, layer.logit_softcap,
+                         layer.sinks)
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
     exact = reference(q, k, v, values.to(q.dtype), tables, requests, layer.scale, layer.sliding_window,
-                      layer.logit_softcap)
+                      layer.logit_softcap, layer.sinks)
     error = ((out.float() - exact).norm() / exact.norm()).item()
     assert error < FP8_RELATIVE_ERROR, f"{error:.3f} of the unquantized attention's norm away from it"
 
@@ -163,7 +172,10 @@ def kernel_cases(device: str) -> list[dict]:
                   dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, window=21),
                   dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, scale=0.3),
                   dict(dtype=dtype, heads=8, kv_heads=2, head_dim=128, block_size=16, requests=MIXED, softcap=20.0,
-                       scale=0.3)]
+                       scale=0.3),
+                  dict(dtype=dtype, heads=8, kv_heads=2, head_dim=64, block_size=16, requests=MIXED, window=21,
+                       sinks=True),
+                  dict(dtype=dtype, heads=8, kv_heads=2, head_dim=64, block_size=16, requests=DECODE, sinks=True)]
         fp8 = dict(dtype=dtype, heads=8, kv_heads=2, block_size=16, kv_cache_dtype=torch.float8_e4m3fn)
         cases += [dict(fp8, head_dim=128, requests=MIXED), dict(fp8, head_dim=64, requests=DECODE),
                   dict(fp8, head_dim=128, requests=MIXED, window=21, softcap=20.0, scale=0.3)]
@@ -172,13 +184,14 @@ def kernel_cases(device: str) -> list[dict]:
 
 def case_spec(case: dict) -> AttentionSpec:
     return AttentionSpec(case["heads"], case["kv_heads"], case["head_dim"], case["dtype"], case["block_size"],
-                         case.get("window"), case.get("softcap"), case.get("kv_cache_dtype"))
+                         case.get("window"), case.get("softcap"), case.get("kv_cache_dtype"), case.get("sinks", False))
 
 
 def describe(case: dict) -> str:
     dtype = str(case["dtype"]).removeprefix("torch.")
     batch = "decode" if case["requests"] is DECODE else "mixed"
     extras = "".join(f" {k}={case[k]}" for k in ("window", "softcap", "scale") if case.get(k))
+    extras += " sinks" if case.get("sinks") else ""
     if case.get("kv_cache_dtype"):
         extras += f" kv_cache_dtype={str(case['kv_cache_dtype']).removeprefix('torch.')}"
     return (f"{batch} {dtype} heads {case['heads']}/{case['kv_heads']} head_dim {case['head_dim']} "

@@ -59,7 +59,7 @@ def prepare(model: nn.Module, method: QuantizationMethod) -> None:
     (said in the log)."""
     from llmserve.models.layers.moe import FusedExperts
 
-    if any(isinstance(m, FusedExperts) for m in model.modules()):
+    if any(isinstance(m, FusedExperts) for m in model.modules()) and not method.dequantizes_experts:
         if not method.quantizes_at_load:
             raise ValueError(f"quantization {method.name!r}: {type(model).__name__}'s experts have no quantized path "
                              "yet; serve the model's float checkpoint (with --quantization fp8 for its other layers)")

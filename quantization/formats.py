@@ -13,19 +13,24 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 GROUP = 32
 
 
-def quantized_copy(float_folder: Path, folder: Path, quantize, quant_config: dict) -> tuple[Path, Path]:
-    """The float checkpoint with each projection's weight replaced by `quantize(name, weight)`'s tensors, and beside
-    it the float checkpoint of what those tensors stand for (the reference)."""
+def projection_weight(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS
+
+
+def quantized_copy(float_folder: Path, folder: Path, quantize, quant_config: dict, targets=projection_weight,
+                   rename=lambda name, kind: f"{name.removesuffix('.weight')}.{kind}") -> tuple[Path, Path]:
+    """The float checkpoint with each `targets` tensor (by default each projection's weight) replaced by
+    `quantize(tensor)`'s tensors (named `rename(name, kind)`), and beside it the float checkpoint of what those
+    tensors stand for (the reference)."""
     tensors = {}
     for file in sorted(Path(float_folder).glob("*.safetensors")):
         tensors |= load_file(file)
     reference = dict(tensors)
     quantized = {}
     for name, weight in tensors.items():
-        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+        if targets(name):
             parts, dequantized = quantize(weight)
-            base = name[:-len(".weight")]
-            quantized |= {f"{base}.{kind}": t for kind, t in parts.items()}
+            quantized |= {rename(name, kind): t for kind, t in parts.items()}
             reference[name] = dequantized
         else:
             quantized[name] = weight
@@ -99,6 +104,32 @@ def fp8_blocks(weight: torch.Tensor, block: int = 16):
     expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
     q = (weight / expanded).to(torch.float8_e4m3fn)
     return {"weight": q, "weight_scale_inv": scale}, q.float() * expanded
+
+
+def mxfp4_experts(stacked: torch.Tensor):
+    """Experts [E, in, out] (a float gpt-oss checkpoint's) in MXFP4 as gpt-oss is released: [E, out, in / 32, 16]
+    bytes of two e2m1 values (low nibble first) and [E, out, in / 32] exponents + 127, each block's exponent the
+    smallest that fits its largest magnitude under 6, values rounded to the nearest level."""
+    levels = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    w = stacked.double().transpose(1, 2)
+    blocks = w.unflatten(-1, (-1, 32))
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2.0**-126) / 6)).clamp(-127, 127)
+    scaled = blocks / torch.exp2(exponent).unsqueeze(-1)
+    index = (scaled.abs().unsqueeze(-1) - levels).abs().argmin(-1)  # ties: the lower level
+    nibbles = (index + 8 * (scaled < 0)).to(torch.uint8)
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    dequantized = (levels[index] * torch.where(scaled < 0, -1.0, 1.0) * torch.exp2(exponent).unsqueeze(-1))
+    return ({"blocks": packed, "scales": (exponent + 127).to(torch.uint8)},
+            dequantized.flatten(-2).transpose(1, 2).float())
+
+
+def mxfp4_copy(float_folder: Path, folder: Path) -> tuple[Path, Path]:
+    """A float gpt-oss checkpoint with its experts in MXFP4, and the float checkpoint they stand for."""
+    return quantized_copy(float_folder, folder, mxfp4_experts,
+                          {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router", "embed_tokens",
+                                                                               "lm_head"]},
+                          targets=lambda name: name.endswith((".experts.gate_up_proj", ".experts.down_proj")),
+                          rename=lambda name, kind: f"{name}_{kind}")
 
 
 COMPRESSED_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],

@@ -49,6 +49,17 @@ def qwen3_moe_config(**overrides):
     return Qwen3MoeConfig(**(args | overrides))
 
 
+def gpt_oss_config(**overrides):
+    from transformers import GptOssConfig
+
+    # YaRN with a factor of 8 over 64 original positions, a 16-token window on every other layer, sinks, biases
+    rope = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    args = SMALL | dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4, head_dim=16,
+                        sliding_window=16, rope_parameters=rope, architectures=["GptOssForCausalLM"])
+    return GptOssConfig(**(args | overrides))
+
+
 def generate(folder, **engine_args):
     llm = LLM(model=str(folder), dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20,
               **engine_args)
@@ -69,6 +80,7 @@ def generate(folder, **engine_args):
     # not renormalised, top-1, a window on every layer (HF's Qwen3-MoE rule), q/k/v/o biases
     pytest.param(lambda: qwen3_moe_config(norm_topk_prob=False, num_experts_per_tok=1, use_sliding_window=True,
                                           sliding_window=16, attention_bias=True), id="qwen3-moe-window-top1"),
+    pytest.param(lambda: gpt_oss_config(), id="gpt-oss"),
 ])
 def test_matches_hf(tmp_path, config):
     """A mixed batch (prompts of 5 to 90 tokens, each its own max_tokens): HF's greedy tokens, logprobs within 1e-3."""
@@ -149,11 +161,12 @@ def test_quantized_experts_are_refused_and_fp8_at_load_leaves_them_as_they_are(t
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.device_count() < 2, reason="needs 2 GPUs on a CUDA machine")
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["each-expert-split", "expert-parallel"])
-def test_experts_split_over_two_ranks_equal_one(tmp_path, expert_parallel):
+@pytest.mark.parametrize("config", [qwen2_moe_config, gpt_oss_config], ids=["qwen2-moe", "gpt-oss"])
+def test_experts_split_over_two_ranks_equal_one(tmp_path, expert_parallel, config):
     """Over 2 ranks, one all-reduce per block: each expert's intermediate dim (and the shared expert's) split, or
     with expert parallelism 4 whole experts on each rank (the shared expert still split): TP=1's tokens and
-    logprobs."""
-    save_random_checkpoint(qwen2_moe_config(), tmp_path, layer_norms_near_one=True)
+    logprobs. gpt-oss: each rank's heads' sinks, its experts' biases, the down projections' bias added once."""
+    save_random_checkpoint(config(), tmp_path, layer_norms_near_one=True)
     split = generate(tmp_path, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
     whole = generate(tmp_path)
     for a, b in zip(split, whole):
@@ -267,6 +280,39 @@ def test_triton_kernel_matches_float64(dtype, tokens, experts, top_k, renormaliz
                                atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def reference_clamped_swiglu(x, gate_up, down, weights, ids, gate_up_bias, down_bias, alpha=1.702, limit=7.0):
+    """gpt-oss's experts in float64: biases, gate clamped above, up clamped both ways and shifted by one."""
+    x, gate_up, down, weights = x.double(), gate_up.double(), down.double(), weights.double()
+    h = torch.einsum("th,tkih->tki", x, gate_up[ids]) + gate_up_bias.double()[ids]
+    gate, up = h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    act = (up + 1) * gate * torch.sigmoid(alpha * gate)
+    return torch.einsum("tk,tkh->th", weights, torch.einsum("tkhi,tki->tkh", down[ids], act) + down_bias.double()[ids])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "grouped"])
+@pytest.mark.parametrize("tokens", [1, 9, 70])
+def test_biases_and_the_clamped_swiglu(fused, tokens):
+    """gpt-oss's experts (moe.GatedActivation(1.702, 7.0, 1.0), biases), both paths, against float64; inputs large
+    enough that the clamps act."""
+    from llmserve.models.layers import triton_moe
+    from llmserve.models.layers.moe import GatedActivation
+
+    torch.manual_seed(tokens)
+    device = DEVICE if fused else "cpu"
+    x, gate_up, down, weights, ids = random_experts(tokens, 8, 2, 64, 40, True, torch.float32, device)
+    x = x * 8
+    gate_up_bias, down_bias = torch.randn(8, 80, device=device), torch.randn(8, 64, device=device)
+    act = GatedActivation(1.702, 7.0, 1.0)
+    args = (x, gate_up, down, weights, ids)
+    out = (triton_moe.fused_experts(*args, False, gate_up_bias, down_bias, act) if fused
+           else grouped_experts(*args, gate_up_bias, down_bias, act))
+    gate = torch.einsum("th,tkih->tki", x.double(), gate_up.double()[ids])[..., :40]
+    assert (gate > 7).any() and (gate < -7).any()  # the clamps are exercised
+    expected = reference_clamped_swiglu(*(a.cpu() for a in (*args, gate_up_bias, down_bias)))
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tokens, experts, top_k", [(1, 4, 2), (6, 8, 1), (30, 8, 2)])
 def test_grouped_path_matches_float64(tokens, experts, top_k):
     torch.manual_seed(tokens)
@@ -342,3 +388,34 @@ def test_default_configs_build_with_hf_parameter_counts(config):
         ours = model_class(hf_config)(hf_config, torch.bfloat16)
         reference = AutoModelForCausalLM.from_config(hf_config)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_its_dequantized_float_model(tmp_path):
+    """gpt-oss's experts in MXFP4 as released (written by quantization/formats.py in that layout; transformers' own
+    dequantization agrees with ours on them): greedy tokens and logprobs of HF on the float checkpoint they stand for."""
+    from safetensors.torch import load_file
+
+    from llmserve.quantization.formats import mxfp4_copy
+    from llmserve.quantization.mxfp4 import dequantize
+
+    save_random_checkpoint(gpt_oss_config(intermediate_size=64), tmp_path / "float", layer_norms_near_one=True)
+    quantized, reference = mxfp4_copy(tmp_path / "float", tmp_path)
+    tensors = load_file(quantized / "model.safetensors")
+    blocks, scales = tensors["model.layers.0.mlp.experts.down_proj_blocks"], tensors[
+        "model.layers.0.mlp.experts.down_proj_scales"]
+    assert blocks.shape == (4, 64, 2, 16) and scales.shape == (4, 64, 2)
+    expected = load_file(reference / "model.safetensors")["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(dequantize(blocks, scales, torch.float32), expected)
+    try:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    except ImportError:
+        convert_moe_packed_tensors = None
+    if convert_moe_packed_tensors is not None:
+        assert torch.equal(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32), expected)
+    ours = generate(quantized)
+    hf = hf_reference(reference)
+    for prompt, n, out in zip(RANDOM_MODEL_PROMPTS, RANDOM_MODEL_MAX_TOKENS, ours):
+        tokens, logprobs = hf_greedy(hf, prompt, n)
+        assert out.outputs[0].token_ids == tokens
+        assert [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)] == pytest.approx(logprobs,
+                                                                                                     abs=1e-3)

@@ -252,7 +252,8 @@ def llmserve_attention_backends():
 def test_conformance_kit_passes_the_example_backend_and_catches_a_broken_one(example_site, tmp_path):
     passed = run([LLM_COMMAND, "plugins", "check", "EXAMPLE_ATTN"], example_site)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "EXAMPLE_ATTN on cpu:" in passed.stdout and " 0 failed, 4 refused" in passed.stdout
+    assert "EXAMPLE_ATTN on cpu:" in passed.stdout and " 0 failed, 6 refused" in passed.stdout
+    assert re.search(r"sinks +refused: does not support attention sinks", passed.stdout)
     assert re.search(r"softcap=20.0 scale=0.3 +refused: does not support attention logit soft-capping", passed.stdout)
     assert re.search(r"block 16 kv_cache_dtype=float8_e4m3fn +refused: does not support kv_cache_dtype float8_e4m3fn: "
                      r"its kernels read a KV cache in the model's dtype only", passed.stdout)

@@ -31,3 +31,12 @@ def test_fp8_cache(dtype, window, softcap, scale, heads, kv_heads, head_dim):
     decode rows the CPU computes in fp32."""
     check_backend(TorchSdpaBackend, dtype, heads, kv_heads, head_dim, 16, MIXED, window, "cpu", softcap=softcap,
                   scale=scale, kv_cache_dtype=torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window, softcap", [(None, None), (21, 2.0)])
+def test_attention_sinks(dtype, window, softcap):
+    """gpt-oss's sinks: a logit per head in each softmax's denominator (plain torch: SDPA has no such term)."""
+    check_backend(TorchSdpaBackend, dtype, 4, 2, 64, 16, MIXED, window, "cpu", softcap=softcap, sinks=True)
+    check_backend(TorchSdpaBackend, dtype, 4, 2, 64, 16, MIXED, window, "cpu", softcap=softcap, sinks=True,
+                  kv_cache_dtype=torch.float8_e4m3fn)

@@ -216,3 +216,14 @@ def test_fp8_cache_is_refused_where_triton_cannot_run_it():
     assert RocmAttnBackend.why_unsupported(spec, "rocm") == TritonAttnBackend.why_unsupported(spec, "rocm")
     if GPU and torch.cuda.get_device_capability() >= (8, 9):
         assert TritonAttnBackend.why_unsupported(spec, "cuda") == []
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("window", [None, 21])
+def test_attention_sinks(device, segments, window):
+    """gpt-oss's sinks start segment 0's sums (weight 1, no value); split segments merge them once."""
+    heads, kv_heads = (64, 8) if GPU else (4, 2)
+    run_case(torch.bfloat16, heads, kv_heads, 64, 16, scaled(MIXED), window=window, segments=segments, sinks=True)
+    run_case(torch.bfloat16, heads, kv_heads, 64, 16, scaled(DECODE), segments=segments, sinks=True,
+             kv_cache_dtype=torch.float8_e4m3fn)

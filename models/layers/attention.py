@@ -3,6 +3,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmserve.distributed import tp
 from llmserve.interfaces import AttentionSpec
 
 
@@ -22,13 +23,16 @@ class Attention(nn.Module):
     """
 
     def __init__(self, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
+                 scale: float, sliding_window: int | None = None, logit_softcap: float | None = None,
+                 sinks: bool = False) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
+        # attention sinks (gpt-oss): a learned logit per head that joins each softmax's denominator, no value
+        self.sinks = nn.Parameter(torch.empty(num_heads)) if sinks else None
         self.backend = None
         self.kv_cache = torch.empty(0)
         # set while the platform captures a step in CUDA graph pieces: the attention runs between them instead
@@ -55,6 +59,13 @@ class Attention(nn.Module):
         for buffer, x in ((self.k_scale, k), (self.v_scale, v)):
             buffer.copy_((x[:rows].abs().amax().float() / fp8_max).clamp(min=KV_SCALE_FLOOR).reshape(1))
         self.kv_scales_known = True
+
+    def load_full(self, leaf: str, tensor: torch.Tensor) -> None:
+        """The checkpoint's sinks of every head: this rank's heads of them."""
+        if tuple(tensor.shape) != (self.num_heads * tp().size,):
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected ({self.num_heads * tp().size},): one per head")
+        with torch.no_grad():
+            self.sinks.copy_(tensor[tp().rank * self.num_heads:(tp().rank + 1) * self.num_heads])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata) -> torch.Tensor:
         """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] (or split into heads) -> [T, heads*head_dim]."""
@@ -86,7 +97,8 @@ def attention_spec(model: nn.Module, block_size: int) -> AttentionSpec:
         raise ValueError(f"{type(model).__name__}: attention layers differ in logit soft-cap {caps}; backends take one")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     return AttentionSpec(first.num_heads, first.num_kv_heads, first.head_dim, dtype, block_size,
-                         max(windows, default=None), caps.pop())
+                         max(windows, default=None), caps.pop(),
+                         attention_sinks=any(a.sinks is not None for a in layers))
 
 
 def layer_sliding_window(config, layer_index: int) -> int | None:

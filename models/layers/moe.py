@@ -1,5 +1,5 @@
-"""Mixture-of-experts feed-forward blocks: a router picks each token's top-k experts, each a gated SiLU MLP, and their
-outputs are summed, weighted by the router's probabilities.
+"""Mixture-of-experts feed-forward blocks: a router picks each token's top-k experts, each a gated MLP (SiLU-and-multiply,
+or gpt-oss's clamped SwiGLU with biases), and their outputs are summed, weighted by the router's probabilities.
 
 Weights: every expert's gate and up projections stacked into `experts.gate_up_proj` [E, 2I, H] (gate rows, then up
 rows) and its down projection into `experts.down_proj` [E, H, I], the layout of transformers 5's experts in memory.
@@ -17,6 +17,7 @@ tokens); on CUDA as the fused Triton kernels of triton_moe (no per-expert Python
 """
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,26 @@ EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_pro
 EXPERT_TENSOR = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight")
 
 
+@dataclass(frozen=True)
+class GatedActivation:
+    """act(gate, up) = g * sigmoid(alpha * g) * (u + up_shift) with g = min(gate, limit), u = clamp(up, +-limit):
+    SiLU-and-multiply as it stands; gpt-oss's clamped SwiGLU with alpha 1.702, limit 7 and up_shift 1."""
+
+    alpha: float = 1.0
+    limit: float | None = None
+    up_shift: float = 0.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        if self.alpha == 1.0 and self.up_shift == 0.0:
+            return F.silu(gate) * up
+        return (up + self.up_shift) * (gate * torch.sigmoid(self.alpha * gate))
+
+
+SILU = GatedActivation()
+
+
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-k experts [T, K] and their weights [T, K] (fp32): the softmax over all experts' logits,
     renormalised over the chosen k where the model does (Mixtral; Qwen-MoE's `norm_topk_prob`)."""
@@ -41,7 +62,8 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 
 
 def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                    ids: torch.Tensor) -> torch.Tensor:
+                    ids: torch.Tensor, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                    activation: GatedActivation = SILU) -> torch.Tensor:
     """sum over k of weights[t, k] * expert ids[t, k] (x[t]), in plain torch: the (token, expert) pairs sorted by
     expert, one matmul per expert that has tokens, the results scattered back to their tokens, weighted. An id of E
     (the number of experts here) is another rank's expert: its pair is skipped."""
@@ -56,18 +78,21 @@ def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     start = 0
     for expert in (e for e, count in enumerate(counts[:num_experts]) if count):
         part = slice(start, start + counts[expert])
-        gate, up = F.linear(picked[part], gate_up[expert]).chunk(2, dim=-1)
-        out[part] = F.linear(F.silu(gate) * up, down[expert])
+        gate, up = F.linear(picked[part], gate_up[expert],
+                            None if gate_up_bias is None else gate_up_bias[expert]).chunk(2, dim=-1)
+        out[part] = F.linear(activation(gate, up), down[expert], None if down_bias is None else down_bias[expert])
         start += counts[expert]
     out *= weights.flatten()[order].unsqueeze(1).to(out.dtype)
     return torch.zeros_like(x).index_add_(0, rows, out)
 
 
 class FusedExperts(nn.Module):
-    """E gated SiLU MLPs held as two stacked tensors: this rank's slice of each expert's intermediate dim, or with
-    expert parallelism this rank's E / ranks whole experts (from `first_expert` on)."""
+    """E gated MLPs held as two stacked tensors: this rank's slice of each expert's intermediate dim, or with
+    expert parallelism this rank's E / ranks whole experts (from `first_expert` on). With `bias`, stacked biases
+    too (gpt-oss): the down projection's is added by one rank only where tensor parallelism splits each expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation: GatedActivation = SILU) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         state = tp()
@@ -83,6 +108,9 @@ class FusedExperts(nn.Module):
         self.first_expert = state.rank * self.local_experts if state.expert_parallel else 0
         self.gate_up_proj = nn.Parameter(torch.empty(self.local_experts, 2 * self.size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.local_experts, hidden_size, self.size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.local_experts, 2 * self.size)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(self.local_experts, hidden_size)) if bias else None
+        self.activation = activation
         self.loaded: set[tuple[int, str]] = set()  # (expert, checkpoint projection)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -92,8 +120,10 @@ class FusedExperts(nn.Module):
             ids = ids - self.first_expert
             ids = ids.masked_fill((ids < 0) | (ids >= self.local_experts), self.local_experts)
         if triton_ops.fused(x):
-            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, skips=others)
-        return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
+            return triton_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, others,
+                                            self.gate_up_proj_bias, self.down_proj_bias, self.activation)
+        return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.gate_up_proj_bias,
+                               self.down_proj_bias, self.activation)
 
     def load_expert(self, expert: int, projection: str, tensor: torch.Tensor) -> None:
         """One expert's checkpoint tensor (`projection`: gate_proj, up_proj or down_proj): this rank's part of it."""
@@ -132,6 +162,9 @@ class FusedExperts(nn.Module):
         if tensor is param:
             return
         experts = slice(self.first_expert, self.first_expert + self.local_experts)
+        if kind.endswith("_bias"):
+            self.load_bias(kind, tensor, experts)
+            return
         if kind == "gate_up_proj":
             full = (self.num_experts, 2 * self.intermediate_size, self.hidden_size)
             halves = tensor.unflatten(1, (2, self.intermediate_size)) if tuple(tensor.shape) == full else None
@@ -146,6 +179,23 @@ class FusedExperts(nn.Module):
         with torch.no_grad():
             param.copy_(part)
         self.loaded.update((e, p) for e in range(experts.start, experts.stop) for p in projections)
+
+
+    def load_bias(self, kind: str, tensor: torch.Tensor, experts: slice) -> None:
+        """Every expert's biases [E, 2I] (gate's, then up's) or [E, H]: this rank's part."""
+        param = getattr(self, kind)
+        width = 2 * self.intermediate_size if kind == "gate_up_proj_bias" else self.hidden_size
+        if tuple(tensor.shape) != (self.num_experts, width):
+            raise ValueError(f"has shape {tuple(tensor.shape)}, expected {(self.num_experts, width)} (experts, out)")
+        if kind == "gate_up_proj_bias":
+            part = tensor.unflatten(1, (2, self.intermediate_size))[experts, :, self.start:self.start + self.size]
+            part = part.flatten(1)
+        elif self.local_experts == self.num_experts and tp().rank != 0:  # each expert split: rank 0 adds it
+            part = torch.zeros_like(param)
+        else:
+            part = tensor[experts]
+        with torch.no_grad():
+            param.copy_(part)
 
 
 def route_expert_tensors(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -179,16 +229,17 @@ class SparseMoeBlock(nn.Module):
     shared expert where it has one (`shared_output`), under one all-reduce."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 act: str = "silu") -> None:
+                 act: str | GatedActivation = "silu", bias: bool = False) -> None:
         super().__init__()
-        if act not in ("silu", "swish"):
+        if isinstance(act, str) and act not in ("silu", "swish"):
             raise ValueError(f"MoE experts support the SiLU activation only, not {act!r}")
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and the {num_experts} experts")
         self.top_k, self.renormalize = top_k, renormalize
         # an nn.Linear, not our Linear: quantization methods leave the router alone, as quantized checkpoints do
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, bias,
+                                    SILU if isinstance(act, str) else act)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """A shared expert's output for every token (this rank's partial sum); None: the model has none."""

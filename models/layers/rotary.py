@@ -41,14 +41,44 @@ def inverse_frequencies(rotary_dim: int, params: dict, factors=None) -> torch.Te
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         between = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         return torch.where(between, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, longrope)")
+    if kind == "yarn":  # fast-turning dims keep their frequency, slow ones are interpolated, a linear ramp between
+        factor, original = params["factor"], params["original_max_position_embeddings"]
+        base = params["rope_theta"]
+
+        def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original length
+            return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, longrope, yarn)")
+
+
+def yarn_attention_factor(params: dict) -> float:
+    """YaRN's scale of cos and sin: the config's `attention_factor`, else 0.1 ln(factor) + 1 (with DeepSeek's
+    `mscale` / `mscale_all_dim`, their ratio)."""
+    if params.get("attention_factor"):
+        return params["attention_factor"]
+
+    def mscale(factor: float, scale: float = 1.0) -> float:
+        return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    factor = params["factor"]
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    return mscale(factor)
 
 
 def rotation_angles(rotary_dim: int, max_positions: int, params: dict) -> tuple[torch.Tensor, float]:
-    """[max_positions, rotary_dim / 2] angles, and the factor that scales cos and sin (LongRoPE's attention factor)."""
+    """[max_positions, rotary_dim / 2] angles, and the factor that scales cos and sin (LongRoPE's and YaRN's attention
+    factor)."""
     positions = torch.arange(max_positions, dtype=torch.float64)
     if params["rope_type"] != "longrope":
-        return torch.outer(positions, inverse_frequencies(rotary_dim, params)), 1.0
+        scale = yarn_attention_factor(params) if params["rope_type"] == "yarn" else 1.0
+        return torch.outer(positions, inverse_frequencies(rotary_dim, params)), scale
     # LongRoPE: HF switches every position to the long factors once a sequence passes the pretraining length; here
     # each position takes the short factors below that length and the long ones from it (the same below it).
     original = params["original_max_position_embeddings"]

@@ -50,12 +50,14 @@ def kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def expert_gemm(a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, padded_ptr, pairs, n, k,
-                    a_divisor, blocks_m, up_offset, stride_a, stride_we, stride_wn, stride_o,
-                    GATED: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """out[pair] = a[pair // a_divisor] @ w[expert].T over one tile (w: [E, n (+ n more when GATED), k]); GATED:
-        silu(gate) * up of the two halves; WEIGHTED: times the pair's routing weight."""
+    def expert_gemm(a_ptr, w_ptr, bias_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, padded_ptr, pairs, n,
+                    k, a_divisor, blocks_m, up_offset, stride_a, stride_we, stride_wn, stride_o, stride_be, alpha,
+                    limit, up_shift, GATED: tl.constexpr, WEIGHTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+        """out[pair] = a[pair // a_divisor] @ w[expert].T (+ bias[expert]) over one tile (w: [E, n (+ n more when
+        GATED), k]); GATED: the gated activation (moe.GatedActivation) of the two halves; WEIGHTED: times the pair's
+        routing weight."""
         pid = tl.program_id(0)
         blocks_n = tl.cdiv(n, BLOCK_N)
         per_group = GROUP_M * blocks_n
@@ -84,8 +86,14 @@ def kernels() -> SimpleNamespace:
                 up = tl.dot(a, tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0), up, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if HAS_BIAS:
+            bias_row = bias_ptr + expert * stride_be + cols
+            acc += tl.load(bias_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up += tl.load(bias_row + n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:  # min(gate, limit) * sigmoid(alpha * ...) * (clamp(up, +-limit) + up_shift); SiLU: inf, 1, 0
+            acc = tl.minimum(acc, limit)
+            acc = acc / (1.0 + tl.exp(-alpha * acc)) * (tl.minimum(tl.maximum(up, -limit), limit) + up_shift)
         if WEIGHTED:
             acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
         out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_o + cols[None, :]
@@ -120,10 +128,12 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, skips: bool = False) -> torch.Tensor:
+                  ids: torch.Tensor, skips: bool = False, gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None, activation=None) -> torch.Tensor:
     """sum over k of weights[t, k] * expert ids[t, k] (x[t]) for x [T, H], gate_up [E, 2I, H] (gate rows, then up),
     down [E, H, I], weights [T, K] and ids [T, K]; in x's dtype. skips: ids may be E, another rank's expert, whose
-    pairs add nothing."""
+    pairs add nothing. Biases [E, 2I] and [E, H] where the model has them; `activation` a moe.GatedActivation
+    (None: SiLU-and-multiply)."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = gate_up.shape
     size, pairs = two_i // 2, tokens * top_k
@@ -138,12 +148,17 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     kern = kernels()
     blocks_m = sorted_pairs.numel() // t.block_m
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 in full precision; half types ignore it
-    for a, w, result, n, k, a_divisor, gated in ((x, gate_up, intermediate, size, hidden, top_k, True),
-                                                 (intermediate, down, out, hidden, size, 1, False)):
+    alpha, limit, up_shift = ((activation.alpha, activation.limit or float("inf"), activation.up_shift)
+                              if activation is not None else (1.0, float("inf"), 0.0))
+    for a, w, bias, result, n, k, a_divisor, gated in (
+            (x, gate_up, gate_up_bias, intermediate, size, hidden, top_k, True),
+            (intermediate, down, down_bias, out, hidden, size, 1, False)):
         grid = (blocks_m * kern.cdiv(n, t.block_n),)
-        kern.expert_gemm[grid](a, w, result, weights, sorted_pairs, block_expert, padded, pairs, n, k, a_divisor,
-                               blocks_m, size * w.stride(1), a.stride(0), w.stride(0), w.stride(1), result.stride(0),
-                               GATED=gated, WEIGHTED=not gated, PRECISION=precision, BLOCK_M=t.block_m,
+        kern.expert_gemm[grid](a, w, w if bias is None else bias, result, weights, sorted_pairs, block_expert, padded,
+                               pairs, n, k, a_divisor, blocks_m, size * w.stride(1), a.stride(0), w.stride(0),
+                               w.stride(1), result.stride(0), 0 if bias is None else bias.stride(0), alpha, limit,
+                               up_shift, GATED=gated, WEIGHTED=not gated, HAS_BIAS=bias is not None,
+                               PRECISION=precision, BLOCK_M=t.block_m,
                                BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
                                num_stages=t.num_stages)
     return out.view(tokens, top_k, hidden).sum(dim=1)
