@@ -76,8 +76,21 @@ def memory_bandwidth(engine: LLMEngine, size: int = 1 << 30) -> float:
     return 2 * source.numel() * repeats / (time.perf_counter() - start)
 
 
-def weight_bytes(engine: LLMEngine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+def weight_bytes(engine: LLMEngine, tokens_per_step: float | None = None) -> float:
+    """The weight bytes one step reads: every weight, except that a mixture of experts' layer reads only the experts
+    its tokens pick, E * (1 - (1 - k / E) ** tokens) of them expected under uniform routing (random dummy routers
+    route about uniformly; a throughput run takes its mean tokens per step); `tokens_per_step` None: every expert."""
+    from llmserve.models.layers.moe import SparseMoeBlock
+
+    total = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    if tokens_per_step is None:
+        return total
+    for block in (m for m in engine.runner.model.modules() if isinstance(m, SparseMoeBlock)):
+        experts = block.experts
+        stacked = sum(p.numel() * p.element_size() for p in experts.parameters())
+        picked = experts.num_experts * (1 - (1 - block.top_k / experts.num_experts) ** tokens_per_step)
+        total -= stacked * (1 - picked / experts.num_experts)
+    return total
 
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
@@ -129,7 +142,7 @@ def bench_throughput(
     # Each step reads every weight once, and each output token's step reads its request's whole KV cache.
     kv_read = kv_bytes_per_token(engine) * sum(len(p) * n + n * (n - 1) // 2
                                                for p, n in zip(workload.prompts, workload.output_lens))
-    floor = (steps * weight_bytes(engine) + kv_read) / bandwidth
+    floor = (steps * weight_bytes(engine, (workload.prompt_tokens + output_tokens) / steps) + kv_read) / bandwidth
     result = {"num_requests": num_prompts, "prompt_tokens": workload.prompt_tokens, "output_tokens": output_tokens,
               "elapsed_s": wall, "requests_per_s": num_prompts / wall,
               "total_tokens_per_s": (workload.prompt_tokens + output_tokens) / wall,
@@ -166,7 +179,7 @@ def bench_latency(
     result = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len, "latency_s": wall,
               "latencies_s": walls, "prefill_s": prefill_wall,
               "time_per_output_token_ms": (wall - prefill_wall) / max(output_len - 1, 1) * 1000,
-              "weight_read_floor_ms": weight_bytes(engine) / bandwidth * 1000,
+              "weight_read_floor_ms": weight_bytes(engine, batch_size) / bandwidth * 1000,
               "memory_bandwidth_gb_s": bandwidth / 1e9, "engine_args": recorded_args(engine, model, engine_args)}
     report(result, output_json, [
         ("Batch latency (s, median)", "latency_s", ".3f"), ("Prefill (s)", "prefill_s", ".4f"),
