@@ -1,7 +1,7 @@
 """Every GPU attention backend side by side, one run: decode against the device's copy bandwidth, prefill in TFLOP/s.
 
     python benchmarks/attention_kernels.py [--backends TRITON_ATTN,FLASHINFER,FLASH_ATTN] [--out results.json]
-        [--end-to-end benchmarks/models/Qwen3-0.6B]
+        [--end-to-end benchmarks/models/Qwen3-0.6B] [--kv-cache-dtype fp8]
 
 Shapes: 32 query / 8 KV heads, head size 128, bf16, block size 16 (--block-size), random block tables.
   decode B64 x 1k, decode B16 x 8k, decode B4 x 32k: KV bytes read per call / time, as a fraction of torch's
@@ -12,7 +12,8 @@ Shapes: 32 query / 8 KV heads, head size 128, bf16, block size 16 (--block-size)
 Each backend's forward() (the cache write and attention, as a model layer calls it) runs on the same inputs, is
 checked against the fp32 reference of the conformance kit, then timed from a CUDA graph of back-to-back calls (eager
 calls where a backend's step cannot be captured; the table says which). Per-step planning (build_metadata, shared
-by all layers) is not in the time. --end-to-end also runs the nano-vllm workload (`llm bench throughput`, 256
+by all layers) is not in the time. With --kv-cache-dtype fp8 the cache holds fp8 with a scale for K and one for V
+(the bytes read count one byte a value; backends without fp8 are refused). --end-to-end also runs the nano-vllm workload (`llm bench throughput`, 256
 requests, 100..1024 tokens in and out, dummy weights, CUDA graphs) with each backend, each in its own process.
 A short table is printed last; --out writes everything as JSON.
 """
@@ -85,10 +86,13 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 class Batch:
     """One step's inputs: a random cache, random block tables, the new tokens' q/k/v as views of one projection."""
 
-    def __init__(self, requests: list[tuple[int, int]], block_size: int) -> None:
-        self.requests, self.block_size = requests, block_size
+    def __init__(self, requests: list[tuple[int, int]], block_size: int, cache_dtype: torch.dtype = DTYPE) -> None:
+        self.requests, self.block_size, self.cache_dtype = requests, block_size, cache_dtype
         blocks = [math.ceil((c + n) / block_size) for c, n in requests]
-        self.cache = torch.randn(2, sum(blocks), block_size, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        values = torch.randn(2, sum(blocks), block_size, KV_HEADS, HEAD_DIM, device="cuda")
+        self.scales = (values.abs().amax(dim=(1, 2, 3, 4)) / torch.finfo(cache_dtype).max).reshape(2, 1)
+        scaled = cache_dtype != DTYPE
+        self.cache = (values / self.scales.view(2, 1, 1, 1, 1)).to(cache_dtype) if scaled else values.to(DTYPE)
         pool = torch.randperm(sum(blocks)).tolist()
         self.tables = [pool[sum(blocks[:i]):sum(blocks[:i + 1])] for i in range(len(blocks))]
         slots = [t[p // block_size] * block_size + p % block_size
@@ -98,16 +102,16 @@ class Batch:
         qkv = torch.randn(len(slots), HEADS + 2 * KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         self.q, self.k, self.v = qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)
         self.layer = SimpleNamespace(layer_index=0, scale=HEAD_DIM**-0.5, sliding_window=None, logit_softcap=None,
-                                     sinks=None)
+                                     sinks=None, k_scale=self.scales[0], v_scale=self.scales[1])
 
     def kv_bytes(self) -> int:
-        return 2 * sum(c + n for c, n in self.requests) * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        return 2 * sum(c + n for c, n in self.requests) * KV_HEADS * HEAD_DIM * self.cache_dtype.itemsize
 
     def flops(self) -> int:  # two matmuls over the keys each query sees
         return sum(4 * HEADS * HEAD_DIM * (n * c + n * (n + 1) // 2) for c, n in self.requests)
 
     def max_error(self, out: torch.Tensor) -> float:
-        cache = self.cache.clone()
+        cache = self.cache.float() * self.scales.view(2, 1, 1, 1, 1) if self.cache_dtype != DTYPE else self.cache
         error, start = 0.0, 0
         for i, (c, n) in enumerate(self.requests):  # one request at a time keeps the fp32 reference small
             rows = slice(start, start + n)
@@ -120,7 +124,8 @@ class Batch:
 
 def run_backend(name: str, batch: Batch) -> dict:
     backend_cls = registry().of("attention_backend")[name].load()
-    spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, DTYPE, batch.block_size)
+    spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, DTYPE, batch.block_size,
+                         kv_cache_dtype=None if batch.cache_dtype == DTYPE else batch.cache_dtype)
     reasons = backend_cls.why_unsupported(spec, "cuda")
     if reasons:
         return {"refused": "; ".join(reasons)}
@@ -198,16 +203,19 @@ def main() -> None:
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
     parser.add_argument("--end-to-end", metavar="MODEL", help="also run the nano-vllm workload with each backend")
     parser.add_argument("--out", help="write the full results as JSON to this path")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     torch.manual_seed(0)
     names = args.backends.split(",")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "block_size": args.block_size,
+               "kv_cache_dtype": args.kv_cache_dtype,
                "backends": names, "cases": {}}
     first_copy = copy_bandwidth()
     for case, requests in CASES.items():
         if args.cases and case not in args.cases.split(","):
             continue
-        batch = Batch(requests, args.block_size)
+        batch = Batch(requests, args.block_size, cache_dtype)
         results["cases"][case] = {}
         for name in names:
             try:
