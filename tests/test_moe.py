@@ -419,3 +419,29 @@ def test_gpt_oss_mxfp4_checkpoint_matches_its_dequantized_float_model(tmp_path):
         assert out.outputs[0].token_ids == tokens
         assert [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)] == pytest.approx(logprobs,
                                                                                                      abs=1e-3)
+
+
+def test_tuned_tiles_are_read_by_gpu_shape_and_nearest_token_count(tmp_path, monkeypatch):
+    """benchmarks/moe_kernel.py --write's file: tiles by GPU name, expert shape and token count (the nearest)."""
+    import json
+
+    from llmserve.models.layers import triton_moe
+
+    key = triton_moe.shape_key(128, 2048, 768, 8, torch.bfloat16)
+    assert key == "E=128,H=2048,I=768,k=8,bfloat16"
+    small, large = triton_moe.Tiles(16, 64, 128, 1, 4, 4), triton_moe.Tiles(64, 128, 64, 8, 8, 3)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"GPU X": {key: {"8": small.__dict__, "512": large.__dict__}}}))
+    monkeypatch.setattr(triton_moe, "TUNED_FILE", path)
+    triton_moe.tuned_configs.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    try:
+        cuda = torch.device("cuda")
+        assert triton_moe.tiles_for(1, 128, 2048, 768, 8, torch.bfloat16, cuda) == small
+        assert triton_moe.tiles_for(300, 128, 2048, 768, 8, torch.bfloat16, cuda) == large
+        assert triton_moe.tiles_for(1, 64, 2048, 768, 8, torch.bfloat16, cuda) == triton_moe.tiles(8, 64,
+                                                                                                    torch.bfloat16)
+        assert triton_moe.tiles_for(300, 128, 2048, 768, 8, torch.bfloat16, torch.device("cpu")) == triton_moe.tiles(
+            2400, 128, torch.bfloat16)
+    finally:
+        triton_moe.tuned_configs.cache_clear()

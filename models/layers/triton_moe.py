@@ -11,9 +11,15 @@ A program computes a BLOCK_M x BLOCK_N tile of one expert's rows, looping over t
 fp32 accumulation; programs are grouped GROUP_M blocks along M so that neighbours reuse the same weight tiles from
 L2. The grid covers the most blocks the padding can make; blocks past the padded count (known only on the device)
 return at once. triton is imported on first use.
+
+Tile sizes: measured ones where `benchmarks/moe_kernel.py --write` tuned this GPU and layer shape (kept in
+triton_moe_configs.json, by GPU name, then shape, then token count: the nearest count's), else heuristics by the rows
+per expert.
 """
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +33,32 @@ class Tiles:
     group_m: int
     num_warps: int
     num_stages: int = 3
+
+
+TUNED_FILE = Path(__file__).with_name("triton_moe_configs.json")
+
+
+def shape_key(num_experts: int, hidden: int, size: int, top_k: int, dtype: torch.dtype) -> str:
+    return f"E={num_experts},H={hidden},I={size},k={top_k},{str(dtype).removeprefix('torch.')}"
+
+
+@functools.cache
+def tuned_configs(device_name: str, key: str) -> dict[int, Tiles]:
+    """The measured tiles of this GPU and shape by token count (empty: never tuned)."""
+    if not TUNED_FILE.exists():
+        return {}
+    found = json.loads(TUNED_FILE.read_text()).get(device_name, {}).get(key, {})
+    return {int(tokens): Tiles(**fields) for tokens, fields in found.items()}
+
+
+def tiles_for(tokens: int, num_experts: int, hidden: int, size: int, top_k: int, dtype: torch.dtype,
+              device: torch.device) -> Tiles:
+    """The tuned tiles of the nearest token count where this GPU and shape were tuned, else the heuristics."""
+    if device.type == "cuda":
+        tuned = tuned_configs(torch.cuda.get_device_name(device), shape_key(num_experts, hidden, size, top_k, dtype))
+        if tuned:
+            return tuned[min(tuned, key=lambda n: abs(n - tokens))]
+    return tiles(tokens * top_k, num_experts, dtype)
 
 
 def tiles(pairs: int, num_experts: int, dtype: torch.dtype) -> Tiles:
@@ -129,18 +161,18 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, skips: bool = False, gate_up_bias: torch.Tensor | None = None,
-                  down_bias: torch.Tensor | None = None, activation=None) -> torch.Tensor:
+                  down_bias: torch.Tensor | None = None, activation=None, config: Tiles | None = None) -> torch.Tensor:
     """sum over k of weights[t, k] * expert ids[t, k] (x[t]) for x [T, H], gate_up [E, 2I, H] (gate rows, then up),
     down [E, H, I], weights [T, K] and ids [T, K]; in x's dtype. skips: ids may be E, another rank's expert, whose
     pairs add nothing. Biases [E, 2I] and [E, H] where the model has them; `activation` a moe.GatedActivation
-    (None: SiLU-and-multiply)."""
+    (None: SiLU-and-multiply); `config` forces the tiles (benchmarks/moe_kernel.py)."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = gate_up.shape
     size, pairs = two_i // 2, tokens * top_k
     if pairs == 0:
         return torch.zeros_like(x)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    t = tiles(pairs, num_experts, x.dtype)
+    t = config or tiles_for(tokens, num_experts, hidden, size, top_k, x.dtype, x.device)
     sorted_pairs, block_expert, padded = align_by_expert(ids, num_experts, t.block_m)
     weights = weights.flatten().float().contiguous()
     intermediate = torch.empty((pairs, size), dtype=x.dtype, device=x.device)
