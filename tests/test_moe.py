@@ -392,7 +392,8 @@ def test_default_configs_build_with_hf_parameter_counts(config):
 
 def test_gpt_oss_mxfp4_checkpoint_matches_its_dequantized_float_model(tmp_path):
     """gpt-oss's experts in MXFP4 as released (written by quantization/formats.py in that layout; transformers' own
-    dequantization agrees with ours on them): greedy tokens and logprobs of HF on the float checkpoint they stand for."""
+    dequantization agrees with ours on them): greedy tokens and logprobs of HF on the float checkpoint they stand
+    for."""
     from safetensors.torch import load_file
 
     from llmserve.quantization.formats import mxfp4_copy
