@@ -1,5 +1,6 @@
 """Mixture-of-experts feed-forward blocks: a router picks each token's top-k experts, each a gated MLP
-(SiLU-and-multiply, or gpt-oss's clamped SwiGLU with biases), and their outputs are summed, weighted by the router's probabilities.
+(SiLU-and-multiply, or gpt-oss's clamped SwiGLU with biases), and their outputs are summed, weighted by the router's
+probabilities.
 
 Weights: every expert's gate and up projections stacked into `experts.gate_up_proj` [E, 2I, H] (gate rows, then up
 rows) and its down projection into `experts.down_proj` [E, H, I], the layout of transformers 5's experts in memory.
