@@ -31,16 +31,14 @@ def copy_bandwidth() -> float:
 
 
 def candidates(m: int) -> list[triton_fp8.GemvConfig]:
-    """Block shapes whose per-thread products (block_m x block_n x block_k / threads) stay in registers; one row
-    always sums at the end."""
-    block_m = triton_fp8.next_pow2(m)
-    out = []
-    for block_n in (4, 8, 16, 32):
-        for block_k in (256, 512, 1024):
-            for warps in (4, 8):
-                for at_end in (True, False) if block_m > 1 else (True,):
-                    if 16 <= block_m * block_n * block_k / (32 * warps) <= 64:
-                        out.append(triton_fp8.GemvConfig(block_n, block_k, warps, at_end))
+    """Tensor-core configs, and at one row the CUDA-core form whose per-thread products (block_n x block_k /
+    threads) stay in registers (more rows on CUDA cores cost 12 or more instructions a weight byte: left out)."""
+    out = [triton_fp8.GemvConfig(block_n, block_k, 4, triton_fp8.MMA, stages)
+           for block_n in (16, 32, 64) for block_k in (128, 256, 512) for stages in (3, 4)]
+    if m == 1:
+        out += [triton_fp8.GemvConfig(block_n, block_k, warps, triton_fp8.SUM_AT_END)
+                for block_n in (4, 8, 16) for block_k in (256, 512, 1024) for warps in (4, 8)
+                if 16 <= block_n * block_k / (32 * warps) <= 64]
     return out
 
 
@@ -65,7 +63,7 @@ def main() -> None:
                 error = ((out.double() - reference).norm() / reference.norm()).item()
                 tried[cfg] = bench(lambda: triton_fp8.fp8_gemv(x, weight, scale, None, cfg)) if error < 1e-2 \
                     else float("inf")
-            chosen = triton_fp8.gemv_config(m, n, k)
+            chosen = triton_fp8.gemv_config(m, n, k, x.dtype)
             row = {"n": n, "k": k, "m": m, "bf16_us": bench(lambda: F.linear(x, dense)),
                    "scaled_mm_us": bench(lambda: torch._scaled_mm(*quantize_rows(x)[:1], weight.t(),
                                                                   scale_a=quantize_rows(x)[1],

@@ -37,11 +37,15 @@ def test_kernel_matches_float64_reference(m, n, k, dtype, bias):
     check(m, n, k, dtype, bias)
 
 
-@pytest.mark.parametrize("config", [triton_fp8.GemvConfig(4, 64, 4, True), triton_fp8.GemvConfig(8, 32, 4, False),
-                                    triton_fp8.GemvConfig(32, 128, 8, True)], ids=str)
+@pytest.mark.parametrize("config", [triton_fp8.GemvConfig(4, 64, 4, triton_fp8.SUM_AT_END),
+                                    triton_fp8.GemvConfig(8, 32, 4, triton_fp8.SUM_PER_STEP),
+                                    triton_fp8.GemvConfig(32, 128, 8, triton_fp8.SUM_AT_END),
+                                    triton_fp8.GemvConfig(16, 64, 4, triton_fp8.MMA),
+                                    triton_fp8.GemvConfig(32, 128, 4, triton_fp8.MMA, 4)], ids=str)
 @pytest.mark.parametrize("m", [1, 3])
 def test_every_block_form(m, config):
-    """Both summing forms and other block sizes than gemv_config's (benchmarks/fp8_gemv.py sweeps them)."""
+    """Every form (two ways of summing on CUDA cores, tensor cores) and other block sizes than gemv_config's
+    (benchmarks/fp8_gemv.py sweeps them)."""
     check(m, 37, 300, torch.bfloat16, bias=True, config=config)
 
 
