@@ -85,7 +85,7 @@ class AttentionBackend(ABC):
     block_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_sliding_window: ClassVar[bool] = True
     supports_logit_softcap: ClassVar[bool] = False
-    supports_attention_sinks: ClassVar[bool] = False  # reads layer.sinks ([heads] fp32 logits, or None)
+    supports_attention_sinks: ClassVar[bool] = False  # reads layer.sinks ([heads] logits in the model dtype, or None)
     supports_cuda_graphs: ClassVar[bool] = False  # True: implements build_graph_metadata
     # scaled cache dtypes (AttentionSpec.kv_cache_dtype) its kernels write and read besides the model's own dtype, and
     # why it has no others
