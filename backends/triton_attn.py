@@ -321,7 +321,8 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileConfig:
+def tile_config(head_dim: int, group: int, itemsize: int, decode: bool,
+                cache_itemsize: int | None = None) -> TileConfig:
     """Small row tiles for decode (memory-bound), large ones for prefill (compute-bound); tuned on an H100."""
     wide = next_pow2(head_dim) > 128
     block_m = 16 if decode else 64 if wide else 128
@@ -330,6 +331,8 @@ def tile_config(head_dim: int, group: int, itemsize: int, decode: bool) -> TileC
     if itemsize == 4:  # fp32 tiles take twice the shared memory
         block_m, tile_n, stages = max(block_m // 2, 16), max(tile_n // 2, 16), 2
     warps = 8 if head_dim <= 64 and not decode else 4  # 8 warps: +7% prefill at head size 64, -50% at 256
+    if decode and cache_itemsize == 1:  # an fp8 cache (H200, decode 16 x 8k: 121 us against 182 at 64 / 4 / 3)
+        tile_n, warps, stages = 128, 8, 2
     return TileConfig(max(block_m, next_pow2(group)), tile_n, warps, stages)
 
 
@@ -344,7 +347,7 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
     tokens, heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = heads // kv_heads
-    cfg = cfg or tile_config(head_dim, group, q.element_size(), md.max_query_len == 1)
+    cfg = cfg or tile_config(head_dim, group, q.element_size(), md.max_query_len == 1, kv_cache.element_size())
     block_q = cfg.block_m // group
     num_reqs = md.seq_lens.shape[0]
     segments = md.num_segments
@@ -466,7 +469,7 @@ class TritonAttnBackend(AttentionBackend):
 
     def tile_config(self, head_dim: int, group: int, itemsize: int, decode: bool) -> TileConfig:
         """The launch settings of the attention kernel (a platform's backend may tune its own)."""
-        return tile_config(head_dim, group, itemsize, decode)
+        return tile_config(head_dim, group, itemsize, decode, self.spec.cache_dtype.itemsize)
 
     def forward(self, layer, q, k, v, kv_cache, metadata: TritonAttnMetadata) -> torch.Tensor:
         scales = (layer.k_scale, layer.v_scale) if self.spec.kv_cache_dtype is not None else (None, None)
