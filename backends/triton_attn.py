@@ -106,7 +106,7 @@ def kernels() -> SimpleNamespace:
 
     @triton.jit
     def attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos, qk_scale, window, softcap,
-                    v_scale, stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                    unit, stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
                     SOFTCAP: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         """One online-softmax step over keys start:start+TILE_N; MASKED applies causality, window, sequence end."""
@@ -143,9 +143,10 @@ def kernels() -> SimpleNamespace:
             v = tl.load(v_base + offset, mask=d < HEAD_DIM, other=0.0)
         else:
             v = tl.load(v_base + offset)
-        if SCALED:  # dequantized in fp32: the arithmetic also keeps Triton from reading the fp8 tile transposed from
-            # shared memory a byte at a time (LDS.U8); it is widened in registers and goes back through ldmatrix
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        if SCALED:  # times a runtime 1 (one packed multiply): arithmetic between the load and the dot keeps Triton
+            # from reading the fp8 tile transposed from shared memory a byte at a time (LDS.U8); widened in registers,
+            # it goes back through ldmatrix in 16 bits. The scale multiplies the finished sum.
+            v = v.to(q.dtype) * unit
         else:
             v = v.to(q.dtype)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, INTERPRET)
@@ -153,21 +154,21 @@ def kernels() -> SimpleNamespace:
 
     @triton.jit
     def attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, lo, hi, kv_end, q_pos, qk_scale, window, softcap,
-                     v_scale, stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                     unit, stride_cb, stride_ct, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
                      SOFTCAP: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         if INTERPRET:  # the interpreter's scalars are 1-element arrays, which NumPy 2 refuses as range() bounds
             start = lo
             while start < hi:
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, v_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                            qk_scale, window, softcap, unit, stride_cb, stride_ct, BLOCK_SIZE,
                                             TILE_N, HEAD_DIM, HEAD_P2, MASKED, SLIDING, SOFTCAP, SCALED, PRECISION,
                                             INTERPRET)
                 start += TILE_N
         else:
             for start in range(lo, hi, TILE_N):
                 acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, table_row, start, kv_end, q_pos,
-                                            qk_scale, window, softcap, v_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                            qk_scale, window, softcap, unit, stride_cb, stride_ct, BLOCK_SIZE,
                                             TILE_N, HEAD_DIM, HEAD_P2, MASKED, SLIDING, SOFTCAP, SCALED, PRECISION,
                                             INTERPRET)
         return acc, l_i, m_i
@@ -178,8 +179,8 @@ def kernels() -> SimpleNamespace:
                 do_not_specialize_on_alignment=["qsl_ptr", "seq_lens_ptr", "table_ptr", "k_scale_ptr", "v_scale_ptr",
                                                 "sinks_ptr"])
     def attention(q_ptr, cache_ptr, out_ptr, partial_ptr, ml_ptr, qsl_ptr, seq_lens_ptr, table_ptr, k_scale_ptr,
-                  v_scale_ptr, sinks_ptr, num_reqs, qk_scale, window, softcap, stride_qt, stride_qh, stride_ot,
-                  stride_oh,
+                  v_scale_ptr, sinks_ptr, num_reqs, qk_scale, window, softcap, unit, stride_qt, stride_qh,
+                  stride_ot, stride_oh,
                   stride_c, stride_cb, stride_ct, stride_ch, stride_table,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr,
@@ -231,17 +232,16 @@ def kernels() -> SimpleNamespace:
         seg_lo = kv_begin + segment * seg_len
         seg_hi = tl.minimum(seg_lo + seg_len, kv_end)
 
-        v_scale = 1.0
         if SCALED:  # a key read from an fp8 cache is stored * k_scale: the scores take the scale once
             qk_scale = qk_scale * tl.load(k_scale_ptr)
-            v_scale = tl.load(v_scale_ptr)
             if q_ptr.dtype.element_ty == tl.bfloat16:
                 # fp8 widens to fp16 in one packed instruction, to bf16 through fp32 (sm_90 SASS: 256 scalar F2F
                 # per 64-key tile, the loop 2.2x bf16's instructions): the tiles meet q in fp16, scaled by 1/16
-                # (exact) so that fp16's range holds any q below 10^6, and the scores take the 16 back. V's tile,
-                # dequantized, is bounded by the first step's amax (the scale's), far inside fp16's range.
-                q = tl.math.div_rn(q.to(tl.float32), 16.0).to(tl.float16)  # a multiply would be moved after it
+                # (exact; through the runtime `unit`, as a constant factor would be moved after the conversion) so
+                # that fp16's range holds any q below 10^6, and the scores take the 16 back.
+                q = (q.to(tl.float32) * (unit * 0.0625)).to(tl.float16)
                 qk_scale = qk_scale * 16.0
+        unit = (tl.zeros([], dtype=tl.float32) + unit).to(q.dtype)  # a runtime 1 in the tiles' dtype
         acc = tl.zeros([BLOCK_M, HEAD_P2], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0, never NaN
@@ -256,21 +256,23 @@ def kernels() -> SimpleNamespace:
         if SLIDING:
             acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(kv_begin, seg_lo),
                                          tl.minimum(full_begin, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                         v_scale,
+                                         unit,
                                          stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING,
                                          SOFTCAP, SCALED, PRECISION,
                                          INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_begin, seg_lo),
                                      tl.minimum(full_end, seg_hi), kv_end, q_pos, qk_scale, window, softcap,
-                                     v_scale,
+                                     unit,
                                      stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, False, SLIDING,
                                      SOFTCAP, SCALED, PRECISION,
                                      INTERPRET)
         acc, l_i, m_i = attend_range(acc, l_i, m_i, q, k_base, v_base, table_row, tl.maximum(full_end, seg_lo),
-                                     seg_hi, kv_end, q_pos, qk_scale, window, softcap, v_scale,
+                                     seg_hi, kv_end, q_pos, qk_scale, window, softcap, unit,
                                      stride_cb, stride_ct, BLOCK_SIZE, TILE_N, HEAD_DIM, HEAD_P2, True, SLIDING,
                                      SOFTCAP, SCALED, PRECISION,
                                      INTERPRET)
+        if SCALED:  # sum(p * stored) * v_scale = sum(p * value)
+            acc = acc * tl.load(v_scale_ptr)
 
         if SEGMENTS == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -359,7 +361,7 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, md: Tr
         md.seq_lens, md.block_table, k_scale if scaled else out, v_scale if scaled else out,
         sinks if sinks is not None else out, num_reqs,
         scale / logit_softcap if logit_softcap else scale * LOG2E,
-        sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, q.stride(0), q.stride(1),
+        sliding_window or 0, logit_softcap * LOG2E if logit_softcap else 0.0, 1.0, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), *kv_cache.stride()[:4], md.block_table.stride(0),
         NUM_HEADS=heads, GROUP=group, HEAD_DIM=head_dim, HEAD_P2=next_pow2(head_dim), BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, TILE_N=cfg.tile_n, SEGMENTS=segments, SLIDING=bool(sliding_window),

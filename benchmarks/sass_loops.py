@@ -52,11 +52,11 @@ def attention(cache: str, tile_n: int):
     signature = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "out_ptr": "*bf16", "partial_ptr": "*fp32",
                  "ml_ptr": "*fp32", "qsl_ptr": "*i32", "seq_lens_ptr": "*i32", "table_ptr": "*i32",
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "sinks_ptr": "*bf16", "num_reqs": "i32",
-                 "qk_scale": "fp32", "window": "i32", "softcap": "fp32"} | {n: "i32" for n in names}
+                 "qk_scale": "fp32", "window": "i32", "softcap": "fp32", "unit": "fp32"} | {n: "i32" for n in names}
     constants = dict(NUM_HEADS=16, GROUP=2, HEAD_DIM=128, HEAD_P2=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=8,
                      TILE_N=tile_n, SEGMENTS=1, SLIDING=False, SOFTCAP=False, SCALED=cache != "bf16", SINKS=False,
                      PRECISION=None, INTERPRET=False)
-    return compiled(triton_attn.kernels().attention, signature, constants, [0, 1, 2, 3, 4, *range(15, 24)],
+    return compiled(triton_attn.kernels().attention, signature, constants, [0, 1, 2, 3, 4, *range(16, 25)],
                     num_warps=4, num_stages=3)
 
 
