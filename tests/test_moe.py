@@ -94,6 +94,24 @@ def test_matches_hf(tmp_path, config):
         assert ours_logprobs == pytest.approx(logprobs, abs=1e-3)
 
 
+def test_gpt_oss_through_triton_attn_matches_hf(tmp_path, monkeypatch):
+    """gpt-oss through TRITON_ATTN's kernels (the GPU's default backend; here in Triton's interpreter): its sinks
+    start the kernel's online softmax, its windowed layers skip the keys outside."""
+    pytest.importorskip("triton")
+    from llmserve.backends.triton_attn import TritonAttnBackend
+
+    if DEVICE == "cpu":  # TRITON_ATTN declares CUDA and ROCm; the interpreter runs its kernels on CPU tensors too
+        monkeypatch.setattr(TritonAttnBackend, "platforms", TritonAttnBackend.platforms + ("cpu",))
+    save_random_checkpoint(gpt_oss_config(), tmp_path, layer_norms_near_one=True)
+    ours = generate(tmp_path, attention_backend="TRITON_ATTN")
+    reference = hf_reference(tmp_path)
+    for prompt, n, out in zip(RANDOM_MODEL_PROMPTS, RANDOM_MODEL_MAX_TOKENS, ours):
+        tokens, logprobs = hf_greedy(reference, prompt, n)
+        assert out.outputs[0].token_ids == tokens, f"prompt of {len(prompt)} tokens"
+        assert [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)] == pytest.approx(logprobs,
+                                                                                                     abs=1e-3)
+
+
 def test_qwen2_moe_layers(tmp_path):
     """Dense MLP on mlp_only_layers, experts with a shared expert elsewhere; expert stacks of HF's layout."""
     from llmserve.models.layers.moe import SparseMoeBlock
