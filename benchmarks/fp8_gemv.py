@@ -1,13 +1,12 @@
-"""The W8A16 GEMV (quantization/triton_fp8.py) at Llama-3.1-8B's shapes on the GPU: every candidate block config
-at 1, 2 and 4 rows against bf16 cuBLAS (F.linear), the W8A8 path it replaces (per-token quantization plus
-torch._scaled_mm) and the fp8 weight-read floor at the measured copy bandwidth.
+"""The W8A16 GEMV (quantization/triton_fp8.py) at Llama-3.1-8B's shapes on the GPU: every candidate config (tensor-core
+forms, and at one row CUDA-core ones) at 1 and 4 rows (--rows) against bf16 cuBLAS (F.linear), the W8A8 path it
+replaces (per-token quantization plus torch._scaled_mm) and the fp8 weight-read floor at the measured copy bandwidth.
 
-    python benchmarks/fp8_gemv.py [--json FILE]
+    python benchmarks/fp8_gemv.py [--rows 1 4] [--json FILE]
 
 Times are replays of a CUDA graph of the call (triton.testing.do_bench_cudagraph), as the engine's decode steps run
 it: timed eagerly, a 20 us kernel measures its Python launch instead (the first sweep, on an H200, did that). The
-last table is the best config per shape and row count,
-and gemv_config's choice."""
+last table is the best config per shape and row count, and gemv_config's choice."""
 import argparse
 import json
 import time
