@@ -74,7 +74,7 @@ def kernels() -> SimpleNamespace:
         out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    return SimpleNamespace(fp8_gemv=fp8_gemv)
+    return SimpleNamespace(fp8_gemv=fp8_gemv, next_pow2=triton.next_power_of_2)
 
 
 SUM_AT_END, SUM_PER_STEP, MMA = 0, 1, 2  # the kernel's forms
@@ -92,17 +92,14 @@ class GemvConfig:
 
 
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
-    """fp32 rows on CUDA cores (fp16 operands would round them). 16-bit ones on tensor cores, 32 weight rows a program (Llama-3.1-8B's smallest projection, 4096 rows, still makes 128
-    programs), 256 features a step: 5.4 instructions per weight byte in the sm_90 SASS of the loop, against 8.2 for
-    the CUDA-core forms at one row (12.4 at four), whose fp8 -> fp32 widening and x's layout change cost more than
-    the bandwidth leaves (about 7.5 per byte on an H100). Not yet checked against benchmarks/fp8_gemv.py's sweep."""
+    """fp32 rows on CUDA cores (fp16 operands would round them). 16-bit ones on tensor cores, 32 weight rows a
+    program (Llama-3.1-8B's smallest projection, 4096 rows, still makes 128 programs), 256 features a step: 5.4
+    instructions per weight byte in the sm_90 SASS of the loop, against 8.2 for the CUDA-core form at one row (12.4
+    at four), whose fp8 -> fp32 widening and x's layout change cost more than the bandwidth leaves (about 7.5 per
+    byte on an H100). The one sweep so far (benchmarks/fp8_gemv.py) timed launches, not kernels: not yet tuned."""
     if dtype == torch.float32:
         return GemvConfig(8, 512, 4, SUM_AT_END) if m == 1 else GemvConfig(8, 256, 4, SUM_AT_END)
     return GemvConfig(32, 256, 4, MMA, 3)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -117,9 +114,11 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     cfg = config or gemv_config(m, n, k, x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     scale = weight_scale.reshape(-1).float().contiguous()
-    kernels().fp8_gemv[(-(-n // cfg.block_n),)](
+    kern = kernels()
+    kern.fp8_gemv[(-(-n // cfg.block_n),)](
         x, weight, scale, bias if bias is not None else scale, out, m, n, k, x.stride(0), weight.stride(0),
         out.stride(0), 1 / 256, HAS_BIAS=bias is not None, FORM=cfg.form,
-        BLOCK_M=max(next_pow2(m), 16) if cfg.form == MMA else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=max(kern.next_pow2(m), 16) if cfg.form == MMA else kern.next_pow2(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

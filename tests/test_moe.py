@@ -453,7 +453,7 @@ def test_tuned_tiles_are_read_by_gpu_shape_and_nearest_token_count(tmp_path, mon
     path.write_text(json.dumps({"GPU X": {key: {"8": small.__dict__, "512": large.__dict__}}}))
     monkeypatch.setattr(triton_moe, "TUNED_FILE", path)
     triton_moe.tuned_configs.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(triton_moe, "gpu_name", lambda device: "GPU X")
     try:
         cuda = torch.device("cuda")
         assert triton_moe.tiles_for(1, 128, 2048, 768, 8, torch.bfloat16, cuda) == small

@@ -43,6 +43,11 @@ def shape_key(num_experts: int, hidden: int, size: int, top_k: int, dtype: torch
 
 
 @functools.cache
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+@functools.cache
 def tuned_configs(device_name: str, key: str) -> dict[int, Tiles]:
     """The measured tiles of this GPU and shape by token count (empty: never tuned)."""
     if not TUNED_FILE.exists():
@@ -55,7 +60,7 @@ def tiles_for(tokens: int, num_experts: int, hidden: int, size: int, top_k: int,
               device: torch.device) -> Tiles:
     """The tuned tiles of the nearest token count where this GPU and shape were tuned, else the heuristics."""
     if device.type == "cuda":
-        tuned = tuned_configs(torch.cuda.get_device_name(device), shape_key(num_experts, hidden, size, top_k, dtype))
+        tuned = tuned_configs(gpu_name(device), shape_key(num_experts, hidden, size, top_k, dtype))
         if tuned:
             return tuned[min(tuned, key=lambda n: abs(n - tokens))]
     return tiles(tokens * top_k, num_experts, dtype)
