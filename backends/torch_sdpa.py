@@ -24,6 +24,7 @@ class SdpaGroup:
     flat_table: torch.Tensor  # block_table flattened
     positions: torch.Tensor  # [G, max_q] position of each query (-1 for padding)
     out_index: torch.Tensor  # flat tokens of the valid queries, in query_valid order
+    fresh: bool  # every row is a whole prompt from position 0: causal without a mask, skipping the masked half
     masks: dict = field(default_factory=dict)  # sliding window -> [G, 1, max_q, keys], built once per step
 
     def mask(self, num_keys: int, sliding_window: int | None) -> torch.Tensor:
@@ -76,14 +77,17 @@ def attend(query, keys, values, mask, scale: float, logit_softcap: float | None,
            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values (the query's dtype, or fp32 from a scaled
     cache); SDPA unless scores are soft-capped or the softmax has sinks ([heads] logits in its denominator), which
-    SDPA cannot do (then the same math in plain torch, in fp32)."""
+    SDPA cannot do (then the same math in plain torch, in fp32). mask None: causal from key 0 (query i sees keys
+    0..i), which SDPA computes without the masked half."""
+    if mask is None and (logit_softcap or sinks is not None):
+        mask = torch.ones(query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device).tril()
     if not logit_softcap and sinks is None:
         if query.device.type == "cpu" and query.dtype != torch.float32 and query.shape[2] == 1:
             # torch's CPU kernel decodes half precision 3 to 5x slower than fp32, conversion included (issue 15)
             return F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask,
                                                   scale=scale, enable_gqa=True).to(query.dtype)
         return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
-                                              scale=scale, enable_gqa=True)
+                                              is_causal=mask is None, scale=scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
     scores = query.float() @ keys.transpose(-1, -2)
@@ -124,8 +128,9 @@ class TorchSdpaBackend(AttentionBackend):
                 blocks = batch.block_tables[row][:max_blocks]
                 table[i, :len(blocks)] = blocks
             to = lambda a: batch.to_device(np.ascontiguousarray(a))
+            fresh = max_q > 1 and not batch.num_computed[rows].any()
             groups.append(SdpaGroup(to(query_index.ravel()), to(np.flatnonzero(valid)), to(table), to(table.ravel()),
-                                    to(positions), to(query_index[valid])))
+                                    to(positions), to(query_index[valid]), fresh))
         return SdpaMetadata(batch.slot_mapping, groups)
 
     def forward(self, layer, q, k, v, kv_cache, metadata: SdpaMetadata) -> torch.Tensor:
@@ -148,7 +153,8 @@ class TorchSdpaBackend(AttentionBackend):
             if scaled:
                 keys = dequantize(keys.view(stored), layer.k_scale)
                 values = dequantize(values.view(stored), layer.v_scale)
-            mask = g.mask(max_blocks * block_size, layer.sliding_window)
+            causal = g.fresh and not layer.sliding_window
+            mask = None if causal else g.mask(max_blocks * block_size, layer.sliding_window)
             query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
             attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap, layer.sinks)
             attn = attn.transpose(1, 2).reshape(-1, *q.shape[1:])
