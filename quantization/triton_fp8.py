@@ -92,13 +92,18 @@ class GemvConfig:
 
 
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
-    """fp32 rows on CUDA cores (fp16 operands would round them). 16-bit ones on tensor cores, 32 weight rows a
-    program (Llama-3.1-8B's smallest projection, 4096 rows, still makes 128 programs), 256 features a step: 5.4
-    instructions per weight byte in the sm_90 SASS of the loop, against 8.2 for the CUDA-core form at one row (12.4
-    at four), whose fp8 -> fp32 widening and x's layout change cost more than the bandwidth leaves (about 7.5 per
-    byte on an H100). The one sweep so far (benchmarks/fp8_gemv.py) timed launches, not kernels: not yet tuned."""
+    """fp32 rows on CUDA cores (fp16 operands would round them). 16-bit ones on tensor cores, 256 features a step:
+    5.4 instructions per weight byte in the sm_90 SASS of the loop, against 8.2 for the CUDA-core form at one row
+    (12.4 at four), whose fp8 -> fp32 widening and x's layout change cost more than the bandwidth leaves (about 7.5
+    per byte on an H100). Blocks from `benchmarks/fp8_gemv.py` on an H100 (2026-12-06, CUDA-graph timing, Llama-3.1-8B
+    shapes): wide outputs (6144 and 28672 rows of 4096) fastest with 64 rows a program and 4 stages, long rows (14336)
+    with 32 and 4 stages, 4096 x 4096 with 32 and 3; each within 7% of the best of its shape's sweep."""
     if dtype == torch.float32:
         return GemvConfig(8, 512, 4, SUM_AT_END) if m == 1 else GemvConfig(8, 256, 4, SUM_AT_END)
+    if n >= 6144 and k <= 4096:
+        return GemvConfig(64, 256, 4, MMA, 4)
+    if k >= 8192:
+        return GemvConfig(32, 256, 4, MMA, 4)
     return GemvConfig(32, 256, 4, MMA, 3)
 
 
