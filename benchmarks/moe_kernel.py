@@ -1,6 +1,7 @@
 """Tune the fused MoE kernel (models/layers/triton_moe.py) for one model's expert shape on this GPU: every candidate
-tile config at each token count, timed (triton.testing.do_bench medians) against the heuristic tiles, and, with
---write, the best of each count saved into models/layers/triton_moe_configs.json, where fused_experts finds them.
+tile config at each token count, timed as CUDA-graph replays (triton.testing.do_bench_cudagraph medians, as the
+engine's decode steps run it; timed eagerly, small counts measure the Python launches) against the heuristic tiles,
+and, with --write, the best of each count saved into models/layers/triton_moe_configs.json, where fused_experts finds them.
 
     python benchmarks/moe_kernel.py --model benchmarks/models/Qwen3-30B-A3B [--tokens 1 8 64 512] [--write]
 
@@ -13,7 +14,7 @@ import time
 
 import torch
 from transformers import AutoConfig
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from llmserve.models.layers import triton_moe
 from llmserve.models.layers.moe import route
@@ -35,6 +36,10 @@ def candidates() -> list[triton_moe.Tiles]:
             continue  # too few threads for the tile, or too many for it
         out.append(triton_moe.Tiles(m, n, k, 1 if m == 16 else 4 if m == 32 else 8, warps, stages))
     return out
+
+
+def graph_us(fn) -> float:
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1000
 
 
 def copy_bandwidth() -> float:
@@ -68,13 +73,11 @@ def main() -> None:
                 out = triton_moe.fused_experts(x, gate_up, down, weights, ids, config=cfg).float()
                 if ((out - reference).norm() / reference.norm()).item() > 1e-2:
                     raise AssertionError("differs from the heuristic tiles' result")
-                timed[cfg] = do_bench(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids, config=cfg),
-                                      warmup=5, rep=25, return_mode="median") * 1000
+                timed[cfg] = graph_us(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids, config=cfg))
             except Exception as e:  # noqa: BLE001 (a config the GPU cannot run: out of shared memory, ...)
                 print(f"  tokens {tokens} {cfg}: {type(e).__name__}: {str(e)[:120]}")
         heuristic = triton_moe.tiles(tokens * top_k, experts, dtype)
-        heuristic_us = do_bench(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids, config=heuristic),
-                                warmup=5, rep=25, return_mode="median") * 1000
+        heuristic_us = graph_us(lambda: triton_moe.fused_experts(x, gate_up, down, weights, ids, config=heuristic))
         fastest = min(timed, key=timed.get)
         picked = experts * (1 - (1 - top_k / experts) ** tokens)
         floor_us = picked * expert_bytes / bandwidth * 1e6
