@@ -16,6 +16,7 @@ while hot in cache:
 - tasks handed out to torch's threads one at a time (at::parallel_for, built with OpenMP).
 Explicit AVX2/FMA/F16C code, AVX-512 where the compiler targets it (`-march=native`: picked by the compiler's macros),
 and portable loops elsewhere (other CPUs, or head sizes not a multiple of the vector width); fp32 accumulation always.
+Those vector types and the exp are cpu_ops.VECTORS (models/layers/cpu_ops.py), shared with the layers' CPU kernels.
 
 The kernel is compiled when the backend is first built in a process, for this machine (cached by torch under
 ~/.cache/torch_extensions, about 40 s the first time, said in the log). Without a compiler, ninja or Python's
@@ -34,198 +35,17 @@ import torch
 
 from llmserve.backends.torch_sdpa import SdpaMetadata, TorchSdpaBackend
 from llmserve.interfaces import AttentionSpec, BatchLayout
+from llmserve.models.layers import cpu_ops
 from llmserve.plugins import hookimpl
 
 logger = logging.getLogger(__name__)
 
-KERNEL = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define CPU_ATTN_AVX2 1
-#if defined(__AVX512F__)
-#define CPU_ATTN_AVX512 1
-#endif
-#endif
-
+ATTENTION = r"""
 namespace {
 
 constexpr int TILE = 16;               // keys per online-softmax step: a block of 16, or a part of a block
 constexpr int64_t CHUNK_KEYS = 256;    // rows with more keys are cut into chunks of this many (rounded to blocks)
 constexpr float RESCALE_AT = 8.f;      // the running max is moved only when a score passes it by this (e^8 < 3000)
-constexpr float EXP_MIN = -87.33654f;  // e^x underflows the normal floats below this: taken as 0
-constexpr float EXP_MAX = 88.f;
-constexpr float LOG2E = 1.44269504089f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
-
-inline float from_bits(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-template <typename T> inline float widen(T x) { return static_cast<float>(x); }
-template <> inline float widen<at::BFloat16>(at::BFloat16 x) { return from_bits(static_cast<uint32_t>(x.x) << 16); }
-
-// e^x: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to r^6 (relative error < 2e-7), times 2^n made in
-// the exponent bits; x below -87.3 (-inf and NaN included) gives 0. The vector versions below take the same steps.
-inline float exp_approx(float x) {
-  const float c = std::min(std::max(x, EXP_MIN), EXP_MAX);
-  const float n = (c * LOG2E + 12582912.f) - 12582912.f;  // round to nearest by the 1.5 * 2^23 trick
-  const float r = (c - n * LN2_HI) - n * LN2_LO;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
-  const float scale = from_bits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return x >= EXP_MIN ? p * scale : 0.f;  // NaN and -inf: 0
-}
-
-// Portable vectors of N floats: plain loops, which the compiler vectorizes for the CPU at hand (NEON, SSE, ...).
-// N = 8 serves head sizes that are a multiple of 8 on CPUs without AVX2, N = 1 any head size.
-template <int N>
-struct Generic {
-  static constexpr int W = N;
-  struct V { float v[N]; };
-  static V zero() { return set1(0.f); }
-  static V set1(float x) { V r; for (int i = 0; i < N; ++i) r.v[i] = x; return r; }
-  template <typename T> static V load(const T* p) { V r; for (int i = 0; i < N; ++i) r.v[i] = widen(p[i]); return r; }
-  static void store(float* p, V a) { for (int i = 0; i < N; ++i) p[i] = a.v[i]; }
-  static V fma(V a, V b, V c) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i]; return r; }
-  static V mul(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
-  static V add(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
-  static V sub(V a, V b) { V r; for (int i = 0; i < N; ++i) r.v[i] = a.v[i] - b.v[i]; return r; }
-  static bool any_greater(V a, V b) { bool r = false; for (int i = 0; i < N; ++i) r |= a.v[i] > b.v[i]; return r; }
-  static V sums(const V* a) {  // lane k: the sum of a[k]'s lanes
-    V r;
-    for (int k = 0; k < N; ++k) r.v[k] = hsum(a[k]);
-    return r;
-  }
-  static float hsum(V a) { float s = 0.f; for (int i = 0; i < N; ++i) s += a.v[i]; return s; }
-  static V exp(V a) { V r; for (int i = 0; i < N; ++i) r.v[i] = exp_approx(a.v[i]); return r; }
-  // -inf in the lanes from `used` on, and in those whose key (lane % keys_per_head) is `limit` or more.
-  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
-    for (int i = 0; i < N; ++i) if (i >= used || i % keys_per_head >= limit) a.v[i] = -INFINITY;
-    return a;
-  }
-  static V keep(V a) { return a; }
-  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-};
-
-#ifdef CPU_ATTN_AVX2
-struct Avx2 {
-  static constexpr int W = 8;
-  using V = __m256;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V load(const at::BFloat16* p) {  // bf16 is the top half of an fp32: zero-extend to 32 bits, shift up
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static V load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static bool any_greater(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
-  // Lane k: the sum of a[k]'s 8 lanes: 8 horizontal sums at once (a transpose by pairwise adds).
-  static V sums(const V* a) {
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 low halves | high halves]
-    return _mm256_add_ps(_mm256_blend_ps(u0, u1, 0xF0), _mm256_permute2f128_ps(u0, u1, 0x21));
-  }
-  static V exp(V x) {
-    const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)), _mm256_set1_ps(EXP_MAX));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(LOG2E)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), c);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 p = _mm256_set1_ps(1.f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_GE_OQ);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-  }
-  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i key = _mm256_and_si256(lane, _mm256_set1_epi32(keys_per_head - 1));
-    const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(limit), key),
-                                          _mm256_cmpgt_epi32(_mm256_set1_epi32(used), lane));
-    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), a, _mm256_castsi256_ps(keep));
-  }
-  static V keep(V a) { asm("" : "+x"(a)); return a; }  // a register, not folded into each use as a memory operand
-  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-};
-#endif
-
-#ifdef CPU_ATTN_AVX512
-struct Avx512 {
-  static constexpr int W = 16;
-  using V = __m512;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const at::BFloat16* p) {  // as _mm512_cvtpbh_ps does it
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static V load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static bool any_greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
-  // Lane k: the sum of a[k]'s 16 lanes. Each step adds pairs of halves while interleaving two vectors' halves, so
-  // that 16 vectors become 8, 4, 2, 1; a last permutation puts the sums in order.
-  static V sums(const V* a) {
-    V b[8], c[4], d[2];
-    for (int i = 0; i < 8; ++i)  // 256-bit halves: [a_i | a_i+8], each 8 partial sums
-      b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
-    for (int i = 0; i < 4; ++i)  // 128-bit quarters: [a_i, a_i+8, a_i+4, a_i+12], 4 partial sums each
-      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], 0x88), _mm512_shuffle_f32x4(b[i], b[i + 4], 0xDD));
-    for (int i = 0; i < 2; ++i)  // in each quarter q: [key(c_i, q) x2, key(c_i+2, q) x2]
-      d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[i], c[i + 2], 0x44), _mm512_shuffle_ps(c[i], c[i + 2], 0xEE));
-    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
-    // e holds the sums of a0 a2 a1 a3, a8 a10 a9 a11, a4 a6 a5 a7, a12 a14 a13 a15
-    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-    return _mm512_permutexvar_ps(order, e);
-  }
-  static V exp(V x) {
-    const __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), c);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_GE_OQ);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
-  }
-  static V mask_lanes(V a, int keys_per_head, int limit, int used) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i key = _mm512_and_si512(lane, _mm512_set1_epi32(keys_per_head - 1));
-    const __mmask16 keep = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(limit), key) &
-                           _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(used), lane);
-    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), a);
-  }
-  static V keep(V a) { asm("" : "+v"(a)); return a; }
-  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-};
-#endif
 
 struct Task {
   int64_t row, begin, end;  // keys [begin, end) of this row, for all its heads
@@ -537,10 +357,10 @@ void decode(const Problem<T>& p, const torch::Tensor& seq_lens, int64_t rows, in
 
 template <typename T>
 void dispatch(const Problem<T>& p, const torch::Tensor& seq_lens, int64_t rows, int64_t window) {
-#ifdef CPU_ATTN_AVX512
+#ifdef CPU_AVX512
   if (p.dim % 16 == 0) return decode<Avx512, T>(p, seq_lens, rows, window);
 #endif
-#ifdef CPU_ATTN_AVX2
+#ifdef CPU_AVX2
   if (p.dim % 8 == 0) return decode<Avx2, T>(p, seq_lens, rows, window);
 #else
   if (p.dim % 8 == 0) return decode<Generic<8>, T>(p, seq_lens, rows, window);
@@ -566,9 +386,9 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& key_ca
 }  // namespace
 
 const char* isa() {
-#if defined(CPU_ATTN_AVX512)
+#if defined(CPU_AVX512)
   return "avx512";
-#elif defined(CPU_ATTN_AVX2)
+#elif defined(CPU_AVX2)
   return "avx2";
 #else
   return "generic";
@@ -602,20 +422,7 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor key_cache, t
 @functools.cache
 def kernel():
     """The compiled module, or the error that kept it from compiling."""
-    from torch.utils.cpp_extension import load_inline
-
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
-    try:
-        try:  # OpenMP: at::parallel_for in an extension runs on torch's threads only when built with it
-            return load_inline("llmserve_cpu_attn", cpp_sources=KERNEL, functions=["paged_decode", "isa"],
-                               extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # a compiler without OpenMP (Apple's clang): one thread
-            logger.warning("CPU_ATTN's kernel did not build with OpenMP (%s); building it single-threaded", e)
-            return load_inline("llmserve_cpu_attn_serial", cpp_sources=KERNEL, functions=["paged_decode", "isa"],
-                               extra_cflags=flags, verbose=False)
-    except Exception as e:  # the platform's default then moves on to TORCH_SDPA (select_attention_backend)
-        logger.warning("CPU_ATTN's C++ kernel did not build (%s: %s)", type(e).__name__, e)
-        return e
+    return cpu_ops.build("llmserve_cpu_attn", cpu_ops.VECTORS + ATTENTION, ["paged_decode", "isa"])
 
 
 @dataclass

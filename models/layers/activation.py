@@ -3,7 +3,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from llmserve.models.layers import triton_ops
+from llmserve.models.layers.fused import kernels_for
 
 # HF `hidden_act` / `activation_function` names -> the function
 ACTIVATIONS = {
@@ -22,8 +22,8 @@ def activation(name: str):
 
 def act_and_mul(x: torch.Tensor, name: str = "silu") -> torch.Tensor:
     """act(gate) * up for x [T, 2 * size] = [gate | up] (the gated MLP's activation)."""
-    if name in ("silu", "swish") and triton_ops.fused(x):
-        return triton_ops.silu_and_mul(x)
+    if name in ("silu", "swish") and (kernels := kernels_for(x)):
+        return kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return activation(name)(gate) * up
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from llmserve.models.layers import triton_ops
+from llmserve.models.layers.fused import kernels_for
 
 
 class RMSNorm(nn.Module):
@@ -13,8 +13,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMS-normalise x (after adding residual, when given: then also return the new residual)."""
-        if triton_ops.fused(x):
-            out = triton_ops.rms_norm(x, self.weight, self.eps, self.offset, residual)
+        if kernels := kernels_for(x):
+            out = kernels.rms_norm(x, self.weight, self.eps, self.offset, residual)
             return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from llmserve.models.layers import triton_ops
+from llmserve.models.layers.fused import kernels_for
 
 
 def rope_parameters(hf_config, layer_type: str | None = None) -> dict:
@@ -103,8 +103,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple:
         """The rotation of each token, computed once per step and shared by all layers: [T, 1, rotary_dim / 2]
-        cos and sin, or on a GPU the whole tables and the positions, for the fused kernel."""
-        if triton_ops.fused(positions):
+        cos and sin, or the whole tables and the positions for a fused kernel."""
+        if kernels_for(self.cos):
             return self.cos, self.sin, positions
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1), None
 
@@ -115,12 +115,13 @@ class RotaryEmbedding(nn.Module):
         cos, sin, positions = cos_sin
         rotary_dim = 2 * cos.shape[-1]
         if positions is not None:
+            kernels = kernels_for(q)
             if rotary_dim == q.shape[-1]:
-                triton_ops.qk_rotary_(q, k, cos, sin, positions, norms)
+                kernels.qk_rotary_(q, k, cos, sin, positions, norms)
                 return q, k
             if norms:
                 q, k = norms[0](q), norms[1](k)
-            triton_ops.qk_rotary_(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, positions)
+            kernels.qk_rotary_(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, positions)
             return q, k
         if norms:
             q, k = norms[0](q), norms[1](k)
