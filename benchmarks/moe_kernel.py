@@ -1,7 +1,8 @@
 """Tune the fused MoE kernel (models/layers/triton_moe.py) for one model's expert shape on this GPU: every candidate
 tile config at each token count, timed as CUDA-graph replays (triton.testing.do_bench_cudagraph medians, as the
 engine's decode steps run it; timed eagerly, small counts measure the Python launches) against the heuristic tiles,
-and, with --write, the best of each count saved into models/layers/triton_moe_configs.json, where fused_experts finds them.
+and, with --write, the best of each count saved into models/layers/triton_moe_configs.json, where fused_experts
+finds them.
 
     python benchmarks/moe_kernel.py --model benchmarks/models/Qwen3-30B-A3B [--tokens 1 8 64 512] [--write]
 

@@ -1,5 +1,6 @@
-"""The CPU layer kernels (models/layers/cpu_ops.py: RMSNorm with the residual add, SiLU-and-multiply, q/k rotary) against
-fp64 references at several shapes and dtypes, with fresh random inputs; and the layers choosing them on the CPU."""
+"""The CPU layer kernels (models/layers/cpu_ops.py: RMSNorm with the residual add, SiLU-and-multiply, q/k rotary)
+against fp64 references at several shapes and dtypes, with fresh random inputs; and the layers choosing them on the
+CPU."""
 import pytest
 import torch
 
@@ -24,7 +25,8 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(dtype, rows, size, offset, with_residual):
-    x, weight, residual = torch.randn(rows, size, dtype=dtype), torch.randn(size, dtype=dtype), torch.randn(rows, size, dtype=dtype)
+    x, residual = torch.randn(rows, size, dtype=dtype), torch.randn(rows, size, dtype=dtype)
+    weight = torch.randn(size, dtype=dtype)
     summed = x.double() + residual.double() if with_residual else x.double()
     summed = summed.to(dtype).double()  # the sum is rounded to the dtype, as the model's residual stream is
     want = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * (weight.double() + offset)
@@ -50,7 +52,7 @@ def test_qk_rotary_in_place(dtype, tokens, heads, kv_heads, head_dim, rotary_dim
     positions = torch.randint(0, 500, (tokens,))
     angles = torch.rand(500, rotary_dim // 2) * 6.3
     cos, sin = angles.cos(), angles.sin()
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)  # q and k as strided views, as models have
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)  # q and k: strided views, as in models
     q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()

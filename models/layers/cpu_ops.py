@@ -260,12 +260,13 @@ using Vec = Generic<8>;
 #endif
 using Scalar = Generic<1>;
 
-template <typename T, class F>
+// Calls fn with a value of x's element type (its type picks the kernel's instantiation).
+template <class F>
 void dispatch_dtype(const torch::Tensor& x, const char* op, F&& fn) {
   switch (x.scalar_type()) {
-    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: fn(static_cast<at::BFloat16*>(nullptr)); break;
-    case at::kHalf: fn(static_cast<at::Half*>(nullptr)); break;
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    case at::kHalf: fn(at::Half{}); break;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());
   }
 }
@@ -384,7 +385,7 @@ void check_rows(const torch::Tensor& x, const char* name) {
 torch::Tensor silu_and_mul(torch::Tensor x) {
   check_rows(x, "silu_and_mul");
   auto out = torch::empty({x.size(0), x.size(1) / 2}, x.options());
-  dispatch_dtype<void>(x, "silu_and_mul", [&](auto* tag) { silu_and_mul_rows<std::remove_pointer_t<decltype(tag)>>(x, out); });
+  dispatch_dtype(x, "silu_and_mul", [&](auto element) { silu_and_mul_rows<decltype(element)>(x, out); });
   return out;
 }
 
@@ -394,18 +395,20 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
   if (residual) check_rows(*residual, "rms_norm residual");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type(), "rms_norm: weight of x's dtype");
   auto out = torch::empty_like(x, at::MemoryFormat::Contiguous);
-  dispatch_dtype<void>(x, "rms_norm", [&](auto* tag) {
-    rms_norm_rows<std::remove_pointer_t<decltype(tag)>>(x, residual, weight, out, eps, offset);
+  dispatch_dtype(x, "rms_norm", [&](auto element) {
+    rms_norm_rows<decltype(element)>(x, residual, weight, out, eps, offset);
   });
   return out;
 }
 
 void qk_rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && k.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
+              k.scalar_type() == q.scalar_type(),
               "qk_rotary: q and k as [tokens, heads, head_dim] of one dtype, head_dim contiguous");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
-              positions.scalar_type() == at::kLong && positions.is_contiguous(), "qk_rotary: fp32 tables, int64 positions");
-  dispatch_dtype<void>(q, "qk_rotary", [&](auto* tag) { rotary_rows<std::remove_pointer_t<decltype(tag)>>(q, k, cos, sin, positions); });
+              positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "qk_rotary: fp32 tables, int64 positions");
+  dispatch_dtype(q, "qk_rotary", [&](auto element) { rotary_rows<decltype(element)>(q, k, cos, sin, positions); });
 }
 """
 

@@ -110,8 +110,8 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def forward(cos_sin: tuple, q: torch.Tensor, k: torch.Tensor, norms: tuple | None = None):
-        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin() (in place on a GPU);
-        `norms`: an RMSNorm for q's heads and one for k's, applied to each head first (Qwen3, Gemma 3)."""
+        """Rotate q and k ([T, heads, head_dim]) by the per-token rotation from cos_sin() (in place where a fused
+        kernel runs); `norms`: an RMSNorm for q's heads and one for k's, applied to each head first (Qwen3, Gemma 3)."""
         cos, sin, positions = cos_sin
         rotary_dim = 2 * cos.shape[-1]
         if positions is not None:
