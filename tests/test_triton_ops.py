@@ -26,15 +26,19 @@ def test_rms_norm_matches_torch(dtype, rows, size, offset):
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(rows, size, device=DEVICE, dtype=dtype)
     residual = torch.randn(rows, size, device=DEVICE, dtype=dtype)
-    reference = RMSNorm(size, 1e-6, offset)  # the torch code, in fp32 on the CPU
-    reference.weight.data = norm.weight.detach().float().cpu()
-    expected, expected_residual = reference(x.cpu().float(), residual.cpu().float())
+    weight = norm.weight.detach().cpu().double() + offset
+
+    def reference(rows):  # float64 on the CPU
+        return (rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * weight).float()
+
+    expected_residual = x.cpu().double() + residual.cpu().double()
+    expected = reference(expected_residual)
     out = triton_ops.rms_norm(x, norm.weight, 1e-6, offset, residual)
     torch.testing.assert_close(out.cpu().float(), expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 10)
-    torch.testing.assert_close(residual.cpu().float(), expected_residual, atol=TOLERANCE[dtype],
+    torch.testing.assert_close(residual.cpu().float(), expected_residual.float(), atol=TOLERANCE[dtype],
                                rtol=TOLERANCE[dtype])
     alone = triton_ops.rms_norm(x, norm.weight, 1e-6, offset, None)
-    torch.testing.assert_close(alone.cpu().float(), reference(x.cpu().float()),
+    torch.testing.assert_close(alone.cpu().float(), reference(x.cpu().double()),
                                atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 10)
 
 

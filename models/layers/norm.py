@@ -12,7 +12,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """RMS-normalise x (after adding residual, when given: then also return the new residual)."""
+        """RMS-normalise x (after adding residual, when given: then also return the new residual, which the fused
+        kernels write into `residual` in place)."""
         if kernels := kernels_for(x):
             out = kernels.rms_norm(x, self.weight, self.eps, self.offset, residual)
             return out if residual is None else (out, residual)
