@@ -77,10 +77,8 @@ def attend(query, keys, values, mask, scale: float, logit_softcap: float | None,
            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """[G, heads, Q, d] queries over [G, kv_heads, K, d] keys and values (the query's dtype, or fp32 from a scaled
     cache); SDPA unless scores are soft-capped or the softmax has sinks ([heads] logits in its denominator), which
-    SDPA cannot do (then the same math in plain torch, in fp32). mask None: causal from key 0 (query i sees keys
-    0..i), which SDPA computes without the masked half."""
-    if mask is None and (logit_softcap or sinks is not None):
-        mask = torch.ones(query.shape[2], keys.shape[2], dtype=torch.bool, device=query.device).tril()
+    SDPA cannot do (then the same math in plain torch, in fp32). mask None (SDPA only): causal from key 0 (query i
+    sees keys 0..i), which SDPA computes without the masked half."""
     if not logit_softcap and sinks is None:
         if query.device.type == "cpu" and query.dtype != torch.float32 and query.shape[2] == 1:
             # torch's CPU kernel decodes half precision 3 to 5x slower than fp32, conversion included (issue 15)
@@ -153,7 +151,7 @@ class TorchSdpaBackend(AttentionBackend):
             if scaled:
                 keys = dequantize(keys.view(stored), layer.k_scale)
                 values = dequantize(values.view(stored), layer.v_scale)
-            causal = g.fresh and not layer.sliding_window
+            causal = g.fresh and not layer.sliding_window and not layer.logit_softcap and layer.sinks is None
             mask = None if causal else g.mask(max_blocks * block_size, layer.sliding_window)
             query = q.index_select(0, g.query_index).view(rows, -1, *q.shape[1:]).transpose(1, 2)
             attn = attend(query, keys, values, mask, layer.scale, layer.logit_softcap, layer.sinks)

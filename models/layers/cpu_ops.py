@@ -355,14 +355,16 @@ void rotary_rows(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, c
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
+  struct Heads { T* data; int64_t count, token_stride, head_stride; };
+  const Heads both[2] = {{q.data_ptr<T>(), q.size(1), q.stride(0), q.stride(1)},
+                         {k.data_ptr<T>(), k.size(1), k.stride(0), k.stride(1)}};
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + pos[t] * half;
       const float* s = sp + pos[t] * half;
-      for (torch::Tensor* x : {&q, &k}) {
-        T* base = x->data_ptr<T>() + t * x->stride(0);
-        for (int64_t h = 0; h < x->size(1); ++h) {
-          T* first = base + h * x->stride(1);
+      for (const Heads& x : both) {
+        for (int64_t h = 0; h < x.count; ++h) {
+          T* first = x.data + t * x.token_stride + h * x.head_stride;
           T* second = first + half;
           over_row(half, [&](auto isa, int64_t i) {
             using I = decltype(isa);
